@@ -1,0 +1,19 @@
+"""petune: parameter-efficient tuning of Hugging Face encoder-decoders.
+
+One call attaches prompt tuning, bottleneck adapters, (IA)^3 or LoRA (from peft and adapters),
+freezes everything else and reports what is trainable::
+
+    tuned = petune.attach(model, "adapter", reduction_factor=8, tasks=["vqa", "gqa"])
+    print(tuned.trainable_report())
+"""
+
+from . import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)
+from .io import load, read_config, save
+from .methods.base import Method
+from .registry import get_method, methods, register_method
+from .tuned import TrainableReport, TunedModel, attach
+
+__version__ = "0.1.0"
+
+__all__ = ["attach", "register_method", "methods", "get_method", "Method", "TunedModel",
+           "TrainableReport", "save", "load", "read_config", "__version__"]

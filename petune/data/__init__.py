@@ -1,0 +1,1 @@
+"""Data loaders: real corpora that ship inside PyPI packages, and ViQuAE (hub or local copy)."""

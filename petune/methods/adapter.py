@@ -1,0 +1,112 @@
+"""Bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2021), from the ``adapters`` library."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from ..models import ADAPTERS_SUPPORTED, d_model, model_type
+from ..registry import register_method
+from .base import Method, module_after
+
+PLACEMENTS = {"pfeiffer": "SeqBnConfig", "houlsby": "DoubleSeqBnConfig"}
+
+
+@register_method("adapter")
+class BottleneckAdapter(Method):
+    """Down-project → non-linearity → up-project, added with a residual in every layer.
+
+    ``placement="pfeiffer"`` (``adapters.SeqBnConfig``): one adapter after each feed-forward
+    block. ``placement="houlsby"`` (``adapters.DoubleSeqBnConfig``): one after self-attention and
+    one after the feed-forward block (for BERT2BERT the adapters library also adds one after the
+    decoder's cross-attention, since BERT shares the output class). Encoder and decoder layers
+    both get adapters.
+
+    Size, exactly one of:
+        d: bottleneck width; must divide the model's ``d_model`` (the adapters library sizes
+           bottlenecks by ``reduction_factor = d_model / d``). A ``d`` that does not divide raises,
+           naming the nearest valid widths, so the size you ask for is the size you get.
+        reduction_factor: ``d = d_model // reduction_factor`` (the adapters library's rule; a
+           factor that does not divide ``d_model`` warns and floors).
+
+    Other options: ``non_linearity`` (default ``"relu"``).
+
+    Trainable parameters per adapter: ``2 · d_model · d + d + d_model`` (T5-base, reduction
+    factor 8: 148,320 per layer, 3,559,680 Pfeiffer, 7,119,360 Houlsby).
+
+    Raises:
+        ValueError: both or neither of ``d`` / ``reduction_factor``; a non-positive size; ``d`` that
+            does not divide ``d_model``; an unknown placement; an architecture the adapters library
+            does not support (Pegasus, Marian: use ``"lora"``, ``"ia3"`` or ``"prompt"``).
+    """
+
+    library = "adapters"
+
+    def __init__(self, d=None, reduction_factor=None, placement="pfeiffer", non_linearity="relu"):
+        if (d is None) == (reduction_factor is None):
+            raise ValueError(
+                "give the adapter size as exactly one of d (bottleneck width, e.g. d=96) "
+                f"or reduction_factor (e.g. reduction_factor=8); got d={d!r}, reduction_factor={reduction_factor!r}"
+            )
+        for key, value in (("d", d), ("reduction_factor", reduction_factor)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{key} must be a positive number, got {value!r}")
+        if d is not None and int(d) != d:
+            raise ValueError(f"d must be a whole number of dimensions, got {d!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {placement!r}")
+        super().__init__(d=None if d is None else int(d), reduction_factor=reduction_factor,
+                         placement=placement, non_linearity=non_linearity)
+
+    def validate(self, model):
+        mt = model_type(model)
+        if mt not in ADAPTERS_SUPPORTED:
+            raise ValueError(
+                f"the adapters library has no bottleneck adapters for model_type={mt!r} "
+                f"(supported: {', '.join(ADAPTERS_SUPPORTED)}). Use 'lora', 'ia3' or 'prompt' on this model."
+            )
+        width = d_model(model)
+        d, rf = self.options["d"], self.options["reduction_factor"]
+        if d is not None:
+            if d > width or width % d:
+                valid = [k for k in range(1, width + 1) if width % k == 0]
+                nearest = sorted(valid, key=lambda k: (abs(k - d), k))[:2]
+                raise ValueError(
+                    f"d={d} does not divide d_model={width}; the adapters library sizes bottlenecks by "
+                    f"d_model / d. Nearest valid widths: {sorted(nearest)} (or pass reduction_factor)."
+                )
+            self.rf = width // d
+        else:
+            if width % rf:
+                warnings.warn(f"reduction_factor={rf} does not divide d_model={width}: bottleneck "
+                              f"width is floor({width} / {rf}) = {int(width // rf)}", stacklevel=3)
+            if width // rf < 1:
+                raise ValueError(f"reduction_factor={rf} leaves no bottleneck on d_model={width}")
+            self.rf = rf
+        self.width = int(width // self.rf)
+
+    def attach(self, model, modules):
+        import adapters
+
+        config_cls = getattr(adapters, PLACEMENTS[self.options["placement"]])
+        config = config_cls(reduction_factor=self.rf, non_linearity=self.options["non_linearity"])
+        was_training = model.training
+        adapters.init(model)
+        log = logging.getLogger("adapters.model_mixin")
+        level = log.level
+        log.setLevel(logging.ERROR)  # "none are activated" notices: petune activates one just below
+        try:
+            for module in modules:
+                model.add_adapter(module, config=config)
+            model.train_adapter(modules[0])  # the library's own freezing; petune re-enables every module
+        finally:
+            log.setLevel(level)
+        model.train(was_training)
+        self._modules = set(modules)
+        return model
+
+    def module_of(self, param_name):
+        return module_after(param_name, ("adapters",), self._modules)
+
+    def activate(self, model, module):
+        model.set_active_adapters(module)

@@ -1,0 +1,93 @@
+"""The Method protocol every registered method implements, and the wrapper for plain functions."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class Method:
+    """One parameter-efficient tuning method, as a thin seam over the library that implements it.
+
+    Subclasses set ``library`` and override:
+
+    - ``__init__(**options)`` — validate the options (raise ``ValueError`` on bad ones) and store
+      them, defaults filled in, in ``self.options`` (JSON-serialisable: saved with the parameters);
+    - ``validate(model)`` — check the options against the model *before* it is touched;
+    - ``attach(model, modules)`` — add one module per name in ``modules`` and return the model to
+      use from now on (the same object, or a wrapper such as a ``peft.PeftModel``);
+    - ``module_of(param_name)`` — the module a parameter belongs to, ``None`` for base parameters;
+    - ``activate(model, module)`` — make ``module`` the one used by the next forward;
+    - ``encoder_states(model, input_ids, attention_mask)`` — if the method changes what the
+      encoder sees (prompt tuning).
+
+    ``attach`` is called with every base parameter already frozen; petune then marks exactly the
+    parameters for which ``module_of`` names a module as trainable.
+    """
+
+    name: ClassVar[str] = ""
+    library: ClassVar[str] = ""
+    #: False for methods that can only give one module shared by all tasks.
+    per_task: ClassVar[bool] = True
+
+    def __init__(self, **options):
+        self.options = dict(options)
+
+    def validate(self, model: nn.Module) -> None:
+        pass
+
+    def attach(self, model: nn.Module, modules: list[str]) -> nn.Module:
+        raise NotImplementedError
+
+    def module_of(self, param_name: str) -> str | None:
+        raise NotImplementedError
+
+    def activate(self, model: nn.Module, module: str) -> None:
+        pass
+
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The Hugging Face model underneath whatever ``attach`` returned."""
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def encoder_states(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Encoder output for a batch: ``([batch, seq, d_model], [batch, seq])`` states and mask."""
+        encoder = self.base_model(model).get_encoder()
+        out = encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return out.last_hidden_state, attention_mask
+
+
+def module_after(param_name: str, markers: tuple[str, ...], modules: set[str]) -> str | None:
+    """The name that follows one of ``markers`` in a dotted parameter name, if it is a module.
+
+    ``decoder.block.0.layer.0.SelfAttention.q.lora_A.vqa.weight`` with marker ``lora_A`` → ``vqa``.
+    """
+    parts = param_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in markers and parts[i + 1] in modules:
+            return parts[i + 1]
+    return None
+
+
+class FunctionMethod(Method):
+    """A method registered as a plain function ``fn(model, **options)``: one shared module."""
+
+    per_task = False
+    library = "user"
+    function = None  # set by register_method
+
+    def attach(self, model, modules):
+        result = type(self).function(model, **self.options)
+        model = model if result is None else result
+        self._trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if not self._trainable:
+            raise ValueError(
+                f"method {self.name!r} left no parameter trainable: the function must add parameters "
+                "or set requires_grad=True on the ones to tune (petune freezes the base first)"
+            )
+        self._module = modules[0]
+        return model
+
+    def module_of(self, param_name):
+        return self._module if param_name in self._trainable else None

@@ -1,0 +1,235 @@
+"""``attach`` and the tuned model it returns: frozen base, trainable method, task switching."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .models import check_encoder_decoder
+from .registry import get_method
+
+SHARED = "default"  # module name used when all tasks share one module
+
+
+@dataclass
+class TrainableReport:
+    """What is trainable: counts are numbers of scalar parameters; percent is of ``total``.
+
+    ``total`` counts every parameter of the tuned model (base plus added), like peft's
+    ``print_trainable_parameters``.
+    """
+
+    method: str
+    trainable: int
+    total: int
+    per_module: dict[str, int] = field(default_factory=dict)
+    per_task: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "trainable": self.trainable, "total": self.total,
+                "percent": self.percent, "per_module": dict(self.per_module), "per_task": dict(self.per_task)}
+
+    def __str__(self) -> str:
+        rows = [("all", self.trainable)] + [(f"task {t}", n) for t, n in self.per_task.items()]
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{self.method}: {self.trainable:,} trainable of {self.total:,} parameters ({self.percent:.4f} %)",
+                 f"{'':{width}}  {'trainable':>12}  {'% of total':>10}"]
+        lines += [f"{name:{width}}  {n:>12,}  {100.0 * n / self.total:>10.4f}" for name, n in rows]
+        return "\n".join(lines)
+
+
+class TunedModel(nn.Module):
+    """A Hugging Face encoder-decoder with a tuning method attached; made by :func:`attach`.
+
+    Attributes:
+        model: what the method's library returned (a ``peft.PeftModel``, or the model itself with
+            ``adapters`` mixed in). Use it for library-native calls (``save_pretrained``, ``generate``).
+        method: the :class:`petune.Method` instance, with its resolved ``options``.
+        tasks: task names, in order (``None`` when attached without tasks).
+        shared: True when all tasks share one module.
+        active_task: the task whose module the next forward uses.
+    """
+
+    def __init__(self, model, method, tasks, shared, tuned):
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.tasks = tasks
+        self.shared = shared
+        self._tuned = tuned  # {module: {param name in self.model: Parameter}}
+        self.active_task = None
+        self._active_module = None
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, *args, task: str | None = None, **kwargs):
+        """The base model's forward (with the method applied). ``task=`` switches first."""
+        if task is not None:
+            self.use_task(task)
+        return self.model(*args, **kwargs)
+
+    def encoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None):
+        """Encoder output with the method applied.
+
+        Args:
+            input_ids, attention_mask: ``[batch, seq]``.
+            task: switch to this task first (multi-task models).
+
+        Returns:
+            ``(states, mask)``: ``[batch, seq', d_model]`` and ``[batch, seq']``, where
+            ``seq' = seq + num_virtual_tokens`` under prompt tuning (the mask covers the prompt).
+        """
+        if task is not None:
+            self.use_task(task)
+        return self.method.encoder_states(self.model, input_ids, attention_mask)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The underlying Hugging Face model (with the method's layers injected)."""
+        return self.method.base_model(self.model)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    # -- tasks -----------------------------------------------------------------------------
+    def module_for(self, task: str | None) -> str:
+        if task is None:
+            if self.tasks is not None and not self.shared:
+                raise ValueError(f"this model has one module per task; name one of {self.tasks}")
+            return SHARED
+        if self.tasks is None or task not in self.tasks:
+            known = self.tasks if self.tasks is not None else "none (attached without tasks=)"
+            raise ValueError(f"unknown task {task!r}; tasks: {known}")
+        return SHARED if self.shared else task
+
+    def use_task(self, task: str | None) -> None:
+        """Route the next forwards through ``task``'s module (a no-op switch when shared).
+
+        Every task's parameters stay trainable (peft's ``set_adapter`` freezes the inactive ones;
+        petune turns them back on so one optimizer holds all tasks).
+
+        Raises:
+            ValueError: unknown task, or ``None`` on a model with one module per task.
+        """
+        module = self.module_for(task)
+        if module != self._active_module:
+            self.method.activate(self.model, module)
+            self._active_module = module
+            self._set_trainable()
+        self.active_task = task
+
+    @contextlib.contextmanager
+    def task(self, task: str | None):
+        """Context manager: ``with tuned.task("vqa"): ...`` then switch back."""
+        previous = self.active_task
+        self.use_task(task)
+        try:
+            yield self
+        finally:
+            if previous is not None:
+                self.use_task(previous)
+
+    # -- parameters ------------------------------------------------------------------------
+    def tuned_parameters(self, module: str | None = None) -> dict[str, nn.Parameter]:
+        """``{name: parameter}`` of the method (all modules, or one), names relative to ``.model``."""
+        if module is not None:
+            return dict(self._tuned[module])
+        return {n: p for params in self._tuned.values() for n, p in params.items()}
+
+    def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
+        """The parameters ``task`` trains (all shared ones when ``shared``)."""
+        return self.tuned_parameters(self.module_for(task))
+
+    def _set_trainable(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.tuned_parameters().values():
+            p.requires_grad_(True)
+
+    def trainable_report(self) -> TrainableReport:
+        """Counts of trainable parameters, overall and per task; ``print()`` it for a table."""
+        per_module = {m: sum(p.numel() for p in ps.values()) for m, ps in self._tuned.items()}
+        per_task = {t: per_module[self.module_for(t)] for t in (self.tasks or [])}
+        total = sum(p.numel() for p in self.model.parameters())
+        return TrainableReport(self.method.name, sum(per_module.values()), total, per_module, per_task)
+
+
+def _check_tasks(tasks) -> list[str] | None:
+    if tasks is None:
+        return None
+    if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"tasks must be a list of task names, e.g. tasks=['vqa', 'gqa']; got {tasks!r}")
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("tasks is empty; pass at least one task name or leave tasks=None")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"task names must be unique, got {tasks}")
+    for t in tasks:
+        if not t or not t.replace("_", "").replace("-", "").isalnum() or t == SHARED:
+            raise ValueError(f"task name {t!r} must be letters, digits, '_' or '-' (and not {SHARED!r})")
+    return tasks
+
+
+def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = None, **options) -> TunedModel:
+    """Attach a registered tuning method to a Hugging Face encoder-decoder and freeze the rest.
+
+    Args:
+        model: any ``transformers`` encoder-decoder: T5, mT5, BART, mBART, Pegasus, Marian,
+            ``EncoderDecoderModel``; the ``*ForConditionalGeneration`` class or the bare model.
+            It is modified in place (layers injected, base parameters frozen).
+        method: a name from :func:`petune.methods` (``"prompt"``, ``"adapter"``, ``"ia3"``, ``"lora"``
+            or one registered with :func:`petune.register_method`).
+        tasks: task names. With ``shared=False`` (the default when ``tasks`` is given) each task
+            gets its own module — VL-Adapter's "multiple" setting; with ``shared=True`` one module
+            serves all tasks ("single").
+        **options: the method's options (see each method's docstring).
+
+    Returns:
+        :class:`TunedModel` whose only trainable parameters are the method's.
+
+    Raises:
+        ValueError: unknown method (lists the registered ones), bad options, bad task names,
+            ``shared=False`` without tasks, per-task modules for a method that cannot have them,
+            or a model that already has a method attached.
+        TypeError: ``model`` is not a Hugging Face encoder-decoder.
+
+    Options and the model are validated before the model is touched, so a bad call leaves it as it was.
+    """
+    cls = get_method(method)
+    check_encoder_decoder(model)
+    tasks = _check_tasks(tasks)
+    if shared is None:
+        shared = tasks is None
+    if not shared and tasks is None:
+        raise ValueError("shared=False needs tasks=[...]: one module per task")
+    if not shared and not cls.per_task:
+        raise ValueError(f"method {method!r} supports only one shared module; pass shared=True")
+    instance = cls(**options)
+    instance.validate(model)
+    modules = [SHARED] if shared else list(tasks)
+
+    base_class = type(model).__name__  # adapters swaps in a "...WithAdapters" subclass
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = instance.attach(model, modules)
+    tuned = {m: {} for m in modules}
+    for name, param in wrapped.named_parameters():
+        module = instance.module_of(name)
+        if module is not None:
+            tuned[module][name] = param
+    empty = [m for m, ps in tuned.items() if not ps]
+    if empty:
+        raise RuntimeError(f"method {method!r} added no parameters for module(s) {empty}; check its module_of()")
+    model._petune_attached = True
+    model._petune_base_class = base_class
+    out = TunedModel(wrapped, instance, tasks, shared, tuned)
+    out.use_task(tasks[0] if tasks else None)
+    out._set_trainable()
+    return out

