@@ -85,9 +85,16 @@ class TunedModel(nn.Module):
             ``(states, mask)``: ``[batch, seq', d_model]`` and ``[batch, seq']``, where
             ``seq' = seq + num_virtual_tokens`` under prompt tuning (the mask covers the prompt).
         """
+        out, mask = self.encoder_output(input_ids, attention_mask, task=task)
+        return out.last_hidden_state, mask
+
+    def encoder_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
+                       output_hidden_states: bool = False):
+        """Like :meth:`encoder_states`, but returns the encoder's ``BaseModelOutput`` (with
+        per-layer ``hidden_states`` when ``output_hidden_states``) and the mask."""
         if task is not None:
             self.use_task(task)
-        return self.method.encoder_states(self.model, input_ids, attention_mask)
+        return self.method.encoder_output(self.model, input_ids, attention_mask, output_hidden_states)
 
     @property
     def base_model(self) -> nn.Module:

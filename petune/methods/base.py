@@ -20,8 +20,8 @@ class Method:
       use from now on (the same object, or a wrapper such as a ``peft.PeftModel``);
     - ``module_of(param_name)`` — the module a parameter belongs to, ``None`` for base parameters;
     - ``activate(model, module)`` — make ``module`` the one used by the next forward;
-    - ``encoder_states(model, input_ids, attention_mask)`` — if the method changes what the
-      encoder sees (prompt tuning).
+    - ``encoder_output(model, input_ids, attention_mask, output_hidden_states)`` — if the method
+      changes what the encoder sees (prompt tuning).
 
     ``attach`` is called with every base parameter already frozen; petune then marks exactly the
     parameters for which ``module_of`` names a module as trainable.
@@ -51,11 +51,18 @@ class Method:
         """The Hugging Face model underneath whatever ``attach`` returned."""
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
-    def encoder_states(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Encoder output for a batch: ``([batch, seq, d_model], [batch, seq])`` states and mask."""
+    def encoder_output(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       output_hidden_states: bool = False):
+        """Encoder output for a batch and the mask that goes with it.
+
+        Returns:
+            ``(output, mask)``: a transformers ``BaseModelOutput`` (``last_hidden_state``
+            ``[batch, seq, d_model]``; ``hidden_states`` per layer if asked) and ``[batch, seq]``.
+        """
         encoder = self.base_model(model).get_encoder()
-        out = encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-        return out.last_hidden_state, attention_mask
+        out = encoder(input_ids=input_ids, attention_mask=attention_mask,
+                      output_hidden_states=output_hidden_states, return_dict=True)
+        return out, attention_mask
 
 
 def module_after(param_name: str, markers: tuple[str, ...], modules: set[str]) -> str | None:

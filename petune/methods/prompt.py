@@ -19,7 +19,7 @@ class PromptTuning(PeftMethod):
     Uses ``peft.PromptTuningConfig`` with ``num_transformer_submodules=1`` so that only the
     encoder sees the prompt (peft's seq2seq default also prefixes the decoder). Encoder states
     come back as ``[batch, num_virtual_tokens + seq, d_model]`` and the attention mask is
-    extended with ones for the virtual tokens (see :meth:`encoder_states`).
+    extended with ones for the virtual tokens (see :meth:`encoder_output`).
 
     Options:
         num_virtual_tokens: prompt length (default 20).
@@ -61,12 +61,12 @@ class PromptTuning(PeftMethod):
                                   num_transformer_submodules=1, token_dim=d_model(model),
                                   num_layers=num_layers(model), num_attention_heads=num_heads(model), **init)
 
-    def encoder_states(self, model, input_ids, attention_mask):
-        """Encoder states with the prompt, as peft's forward builds them.
+    def encoder_output(self, model, input_ids, attention_mask, output_hidden_states=False):
+        """Encoder output with the prompt, as peft's forward builds it.
 
         Returns:
-            ``([batch, n_virtual + seq, d_model], [batch, n_virtual + seq])``: the virtual tokens
-            come first and are covered by the returned mask.
+            ``(output, mask)``: states ``[batch, n_virtual + seq, d_model]`` and mask
+            ``[batch, n_virtual + seq]``; the virtual tokens come first and the mask covers them.
         """
         batch = input_ids.shape[0]
         embeds = model.word_embeddings(input_ids)
@@ -76,4 +76,6 @@ class PromptTuning(PeftMethod):
         prefix = torch.ones(batch, n_virtual, dtype=attention_mask.dtype, device=attention_mask.device)
         mask = torch.cat([prefix, attention_mask], dim=1)
         encoder = self.base_model(model).get_encoder()
-        return encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True).last_hidden_state, mask
+        out = encoder(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=output_hidden_states,
+                      return_dict=True)
+        return out, mask

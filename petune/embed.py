@@ -1,0 +1,176 @@
+"""Encoder embeddings: pooling over encoder (or first decoder) states → ``[n, d]`` float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .models import encoder_config
+from .tuned import TunedModel
+
+POOLINGS = ("mean", "first", "decoder")
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.base_model if isinstance(model, TunedModel) else model
+
+
+def _encoder_output(model, input_ids, attention_mask, output_hidden_states):
+    if isinstance(model, TunedModel):
+        return model.encoder_output(input_ids, attention_mask, output_hidden_states=output_hidden_states)
+    out = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
+                              output_hidden_states=output_hidden_states, return_dict=True)
+    return out, attention_mask
+
+
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mask-aware average: ``[batch, seq, d]`` and ``[batch, seq]`` → ``[batch, d]``."""
+    mask = mask.to(states.dtype).unsqueeze(-1)
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def _decoder_start_state(model, states, mask):
+    """Last decoder layer's state at the decoder start token, ``[batch, d_model]``."""
+    base = _base(model)
+    start = getattr(base.config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(getattr(base, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError("pooling='decoder' needs config.decoder_start_token_id; set it on the model config")
+    ids = torch.full((states.shape[0], 1), int(start), dtype=torch.long, device=states.device)
+    out = base.get_decoder()(input_ids=ids, encoder_hidden_states=states, encoder_attention_mask=mask,
+                             output_hidden_states=True, return_dict=True)
+    last = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
+    return last[:, 0]
+
+
+def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean",
+         layers: int | None = None, layer_combine: str = "mean") -> torch.Tensor:
+    """Embed one tokenised batch: ``[batch, seq]`` ids and mask → ``[batch, d]`` (``d·layers`` if concat).
+
+    ``"first"`` is the first *input* token (CLS for BERT, the first T5 token); under prompt tuning
+    the virtual tokens before it are skipped. ``"mean"`` averages every position the mask covers,
+    virtual tokens included. ``layers=n`` pools each of the last ``n`` encoder layers and averages
+    (``layer_combine="mean"``) or concatenates (``"concat"``) the results.
+    """
+    want_layers = layers is not None and layers > 1
+    out, mask = _encoder_output(model, input_ids, attention_mask, want_layers)
+    stack = list(out.hidden_states[-layers:]) if want_layers else [out.last_hidden_state]
+    pooled = []
+    for states in stack:
+        if pooling == "mean":
+            pooled.append(mean_pool(states, mask))
+        elif pooling == "first":
+            pooled.append(states[:, states.shape[1] - input_ids.shape[1]])  # skip virtual tokens
+        else:
+            pooled.append(_decoder_start_state(model, states, mask))
+    if len(pooled) == 1:
+        return pooled[0]
+    return torch.cat(pooled, dim=-1) if layer_combine == "concat" else torch.stack(pooled).mean(0)
+
+
+def _check_args(texts, pooling, layers, layer_combine, batch_size):
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, not one string; wrap it: [text]")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is empty: nothing to encode")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must all be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if layers is not None and (not isinstance(layers, int) or layers < 1):
+        raise ValueError(f"layers must be a positive integer (the last n encoder layers), got {layers!r}")
+    if layers and layers > 1 and pooling == "decoder":
+        raise ValueError("layers= pools encoder layers; it cannot be combined with pooling='decoder'")
+    if layer_combine not in ("mean", "concat"):
+        raise ValueError(f"layer_combine must be 'mean' or 'concat', got {layer_combine!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return texts
+
+
+def _max_length(model, tokenizer, max_length):
+    """Cap the input length so that input + prompt fits the encoder's position table."""
+    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
+    positions = getattr(encoder_config(_base(model)), "max_position_embeddings", None)
+    n_virtual = 0
+    if isinstance(model, TunedModel) and model.method.name == "prompt":
+        n_virtual = model.method.options["num_virtual_tokens"]
+    if positions:
+        limit = min(limit, positions - n_virtual)
+    if limit < 1:
+        raise ValueError(f"no room for input: {n_virtual} virtual tokens fill the {positions} positions")
+    return limit
+
+
+def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None = None,
+           layer_combine: str = "mean", prefix: str = "", max_length: int = 256, batch_size: int = 32,
+           normalize: bool = False, task: str | None = None, progress: bool | None = None) -> np.ndarray:
+    """Embed texts with a (tuned) encoder-decoder: ``[n_texts, d]`` float32, rows in input order.
+
+    Args:
+        model: a :class:`petune.TunedModel` or a plain Hugging Face encoder-decoder.
+        tokenizer: the model's tokenizer.
+        texts: list of strings.
+        pooling: ``"mean"`` (mask-aware mean of encoder states; prompt positions included),
+            ``"first"`` (first input token: CLS or the first T5 token), or ``"decoder"`` (last
+            decoder layer at the decoder start token).
+        layers, layer_combine: pool each of the last ``layers`` encoder layers and average
+            (``"mean"``) or concatenate (``"concat"``, giving ``d = layers · d_model``).
+        prefix: prepended to every text (task prefixes such as ``"question: "``).
+        max_length: truncation length in tokens; under prompt tuning it is also capped so that
+            input + virtual tokens fit the encoder's position embeddings.
+        batch_size: texts per forward. Texts are sorted by length and padded per batch.
+        normalize: L2-normalise the rows (cosine similarity = inner product).
+        task: the task whose module to use (multi-task tuned models); restored afterwards.
+        progress: show a tqdm bar; default: when there are more than 10 batches.
+
+    Returns:
+        ``np.ndarray`` of shape ``[len(texts), d]``, dtype float32.
+
+    Raises:
+        ValueError: empty ``texts``, bad ``pooling`` / ``layers`` / ``batch_size``, unknown task.
+        TypeError: ``texts`` is a string or holds non-strings.
+        FloatingPointError: the model produced NaN or inf (names the first bad text).
+    """
+    from tqdm.auto import tqdm
+
+    texts = _check_args(texts, pooling, layers, layer_combine, batch_size)
+    limit = _max_length(model, tokenizer, max_length)
+    encoded = tokenizer([prefix + t for t in texts], truncation=True, max_length=limit,
+                        return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    order = np.argsort([-len(ids) for ids in encoded], kind="stable")  # longest first: OOM shows early
+    device = next(_base(model).parameters()).device
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    show = len(batches) > 10 if progress is None else progress
+    out = None
+    was_training = model.training
+    previous = model.active_task if isinstance(model, TunedModel) else None
+    model.eval()
+    try:
+        if isinstance(model, TunedModel) and task is not None:
+            model.use_task(task)
+        with torch.inference_mode():
+            for idx in tqdm(batches, desc="encode", unit="batch", disable=not show):
+                padded = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+                vecs = pool(model, padded["input_ids"].to(device), padded["attention_mask"].to(device),
+                            pooling, layers, layer_combine).float()
+                if normalize:
+                    vecs = torch.nn.functional.normalize(vecs, dim=-1)
+                vecs = vecs.cpu().numpy()
+                if out is None:
+                    out = np.empty((len(texts), vecs.shape[1]), dtype=np.float32)
+                out[idx] = vecs
+    finally:
+        model.train(was_training)
+        if isinstance(model, TunedModel) and task is not None and previous is not None:
+            model.use_task(previous)
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise FloatingPointError(f"{int(bad.sum())} embeddings contain NaN/inf (first: text {first}: "
+                                 f"{texts[first][:60]!r}); check the model weights and dtype")
+    return out

@@ -1,0 +1,255 @@
+"""Dense retrieval: a FAISS index over embeddings, searched into ``ranx.Run`` objects and scored
+with ranx (metrics, Fisher's randomization test, markdown / LaTeX reports)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+#: ranx metric names. ``hit_rate@20`` is "Hit@20" (any relevant in the top 20); ranx's ``hits``
+#: counts relevant documents instead.
+DEFAULT_METRICS = ["mrr@10", "mrr@100", "precision@1", "precision@20", "hit_rate@20", "recall@10", "ndcg@10"]
+
+
+def check_embeddings(x, name: str = "embeddings", dim: int | None = None) -> np.ndarray:
+    """``x`` as a C-contiguous float32 ``[n, d]`` array, or a clear error.
+
+    Raises:
+        ValueError: not 2-D, empty, NaN/inf, or ``d != dim``.
+    """
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty [n, d] array, got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} have dimension {x.shape[1]} but the index holds {dim}-d vectors; "
+                         "encode both with the same model and pooling")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{name}: {int(bad.sum())} rows contain NaN/inf (first: row {int(np.flatnonzero(bad)[0])})")
+    return x
+
+
+def _check_ids(ids, n: int, name: str) -> list[str]:
+    ids = [str(i) for i in ids]
+    if len(ids) != n:
+        raise ValueError(f"{name}: {len(ids)} ids for {n} embeddings")
+    if len(set(ids)) != n:
+        raise ValueError(f"{name} must be unique")
+    return ids
+
+
+class DenseIndex:
+    """A FAISS index of document embeddings with their ids.
+
+    Args:
+        embeddings: ``[n_docs, d]`` float32 (converted if needed).
+        ids: one id per row.
+        factory: a ``faiss.index_factory`` string: ``"Flat"`` (exact inner product, the default,
+            as in DPR and meerqat), ``"L2norm,Flat"`` (cosine), ``"HNSW32"``, ``"IVF4096,PQ64"``
+            (large collections; trained on the embeddings given).
+        metric: ``"ip"`` (inner product) or ``"l2"``.
+
+    Raises:
+        ValueError: empty / NaN / inf embeddings, ids that do not match, a bad factory string.
+    """
+
+    def __init__(self, embeddings, ids, factory: str = "Flat", metric: str = "ip"):
+        import faiss
+
+        x = check_embeddings(embeddings, "document embeddings")
+        self.ids = _check_ids(ids, len(x), "document ids")
+        self.factory, self.metric = factory, metric
+        if metric not in ("ip", "l2"):
+            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+        try:
+            self.index = faiss.index_factory(x.shape[1], factory, faiss_metric)
+        except RuntimeError as e:
+            raise ValueError(f"faiss cannot build index {factory!r}: {str(e).splitlines()[-1]}") from None
+        if not self.index.is_trained:
+            self.index.train(x)
+        self.index.add(x)
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def search(self, queries, query_ids, k: int = 100, batch_size: int = 4096):
+        """Top-``k`` documents per query as a ``ranx.Run`` (scores: inner product, or -L2 distance).
+
+        ``k`` larger than the collection warns and returns every document.
+
+        Raises:
+            ValueError: query dimension differs from the index, NaN/inf, ids that do not match.
+        """
+        from ranx import Run
+
+        q = check_embeddings(queries, "query embeddings", dim=self.dim)
+        query_ids = _check_ids(query_ids, len(q), "query ids")
+        if k > len(self):
+            warnings.warn(f"k={k} is larger than the collection ({len(self)} documents); returning all of them",
+                          stacklevel=2)
+            k = len(self)
+        run = {}
+        for start in range(0, len(q), batch_size):
+            scores, idx = self.index.search(q[start:start + batch_size], k)
+            if self.metric == "l2":
+                scores = -scores
+            for qid, row_scores, row_idx in zip(query_ids[start:start + batch_size], scores, idx):
+                run[qid] = {self.ids[j]: float(s) for s, j in zip(row_scores, row_idx) if j >= 0}
+        return Run(run)
+
+    def save(self, path) -> Path:
+        """Write ``index.faiss`` and ``ids.json`` to the directory ``path`` (atomically)."""
+        import faiss
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            faiss.write_index(self.index, str(tmp / "index.faiss"))
+            (tmp / "ids.json").write_text(json.dumps({"ids": self.ids, "factory": self.factory, "metric": self.metric}))
+            if path.exists():
+                shutil.rmtree(path)
+            os.rename(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "DenseIndex":
+        import faiss
+
+        path = Path(path)
+        if not (path / "index.faiss").exists():
+            raise FileNotFoundError(f"{path} holds no saved index (index.faiss); write one with DenseIndex.save")
+        meta = json.loads((path / "ids.json").read_text())
+        self = cls.__new__(cls)
+        self.index = faiss.read_index(str(path / "index.faiss"))
+        self.ids, self.factory, self.metric = meta["ids"], meta["factory"], meta["metric"]
+        return self
+
+
+def make_qrels(qrels: dict):
+    """``{query_id: {doc_id: relevance}}`` → ``ranx.Qrels`` (relevance: positive int)."""
+    from ranx import Qrels
+
+    if not qrels:
+        raise ValueError("qrels is empty")
+    clean = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in qrels.items()}
+    if not any(r > 0 for docs in clean.values() for r in docs.values()):
+        raise ValueError("qrels has no positive relevance judgement")
+    return Qrels(clean)
+
+
+def make_run(run: dict, name: str | None = None):
+    """``{query_id: {doc_id: score}}`` → ``ranx.Run``."""
+    from ranx import Run
+
+    return Run({str(q): {str(d): float(s) for d, s in docs.items()} for q, docs in run.items()}, name=name)
+
+
+def _as_qrels(qrels):
+    from ranx import Qrels
+
+    return qrels if isinstance(qrels, Qrels) else make_qrels(qrels)
+
+
+def _comparable(qrels, run, strict: bool):
+    """Check coverage, then a copy of ``run`` restricted to the judged queries (ranx's
+    ``make_comparable`` edits the run in place; the caller's run stays as it was)."""
+    from ranx import Run
+
+    _check_coverage(qrels, run, strict)
+    return Run(run.to_dict(), name=run.name).make_comparable(qrels)
+
+
+def _check_coverage(qrels, run, strict: bool) -> None:
+    judged, ranked = set(qrels.keys()), set(run.keys())
+    unranked = judged - ranked
+    unjudged = ranked - judged
+    if not judged & ranked:
+        raise ValueError("no query of the run has relevance judgements: query ids of qrels and run do not match")
+    msgs = []
+    if unranked:
+        msgs.append(f"{len(unranked)} of {len(judged)} judged queries are missing from run "
+                    f"{run.name or ''} and score 0 (e.g. {sorted(unranked)[:3]})")
+    if unjudged:
+        msgs.append(f"{len(unjudged)} queries of the run have no judgements and are ignored (e.g. {sorted(unjudged)[:3]})")
+    if msgs:
+        if strict:
+            raise ValueError("; ".join(msgs))
+        warnings.warn("; ".join(msgs), stacklevel=3)
+
+
+def evaluate(qrels, run, metrics=DEFAULT_METRICS, strict: bool = False) -> dict[str, float]:
+    """Score a run with ranx: ``{metric: mean over judged queries}``.
+
+    Queries judged but missing from the run count as 0 and queries of the run without
+    judgements are ignored — both with a warning giving their number (``strict=True`` raises).
+
+    Raises:
+        ValueError: no overlap at all between qrels and run, or a mismatch with ``strict``.
+    """
+    from ranx import evaluate as ranx_evaluate
+
+    qrels = _as_qrels(qrels)
+    run = _comparable(qrels, run, strict)
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    scores = ranx_evaluate(qrels, run, metrics)
+    return {metrics[0]: float(scores)} if len(metrics) == 1 else {m: float(v) for m, v in scores.items()}
+
+
+def compare(qrels, runs, metrics=DEFAULT_METRICS, max_p: float = 0.01, stat_test: str = "fisher",
+            n_permutations: int = 1000, random_seed: int = 42, strict: bool = False):
+    """Evaluate several runs and test every pair: ``ranx.compare`` with **Fisher's randomization
+    test, p ≤ 0.01** by default (ranx's own default is Student's t).
+
+    Args:
+        runs: ``{name: ranx.Run}`` or a list of named runs.
+
+    Returns:
+        ``ranx.Report``: ``print()`` it, or use :func:`report_markdown` / :func:`report_latex`.
+    """
+    from ranx import compare as ranx_compare
+
+    qrels = _as_qrels(qrels)
+    if isinstance(runs, dict):
+        for name, run in runs.items():
+            run.name = name
+        runs = list(runs.values())
+    if len(runs) < 2:
+        raise ValueError("compare needs at least two runs")
+    runs = [_comparable(qrels, run, strict) for run in runs]
+    return ranx_compare(qrels, runs, metrics=list(metrics), stat_test=stat_test, max_p=max_p,
+                        n_permutations=n_permutations, random_seed=random_seed)
+
+
+def report_markdown(report) -> str:
+    """A ranx report as a markdown table; superscript letters mark significant wins (p ≤ max_p)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    header = ["#", "run"] + [report.get_metric_label(m) for m in report.metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, (run, scores) in enumerate(report.results.items()):
+        cells = [letters[i], run] + [
+            f"{report.format_score(scores[m])}{report.get_superscript_for_table(run, m)}" for m in report.metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Superscripts: significantly better than the run with that letter "
+                 f"({report.get_stat_test_label(report.stat_test)}, p ≤ {report.max_p}).")
+    return "\n".join(lines)
+
+
+def report_latex(report) -> str:
+    """A ranx report as a LaTeX table (ranx's own ``to_latex``)."""
+    return report.to_latex()

@@ -1,0 +1,133 @@
+import numpy as np
+import pytest
+
+from petune.score import (BM25, DenseIndex, compare, evaluate, knn_predict, knn_scores, make_qrels, make_run,
+                          report_latex, report_markdown)
+
+
+def rand(n, d, seed):
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def brute_force(docs, queries, k):
+    sims = queries @ docs.T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(sims, order, 1)
+
+
+@pytest.mark.parametrize("factory,normalise", [("Flat", False), ("L2norm,Flat", True)])
+def test_flat_equals_numpy_brute_force(factory, normalise):
+    docs, queries = rand(200, 16, 0), rand(20, 16, 1)
+    index = DenseIndex(docs, [f"d{i}" for i in range(200)], factory=factory)
+    run = index.search(queries, [f"q{i}" for i in range(20)], k=10)
+    if normalise:
+        docs = docs / np.linalg.norm(docs, axis=1, keepdims=True)
+        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    order, sims = brute_force(docs, queries, 10)
+    for qi in range(20):
+        got = run[f"q{qi}"]
+        assert sorted(got, key=lambda d: -got[d]) == [f"d{j}" for j in order[qi]]
+        np.testing.assert_allclose(sorted(got.values(), reverse=True), sims[qi], rtol=1e-5)
+
+
+def test_approximate_factories_and_save_load(tmp_path):
+    docs, queries = rand(500, 16, 0), rand(5, 16, 1)
+    ids = [f"d{i}" for i in range(500)]
+    for factory in ("HNSW32", "IVF8,PQ4"):
+        run = DenseIndex(docs, ids, factory=factory).search(queries, list("abcde"), k=5)
+        assert all(len(run[q]) == 5 for q in "abcde")
+    index = DenseIndex(docs, ids)
+    index.save(tmp_path / "idx")
+    again = DenseIndex.load(tmp_path / "idx")
+    assert again.ids == ids and len(again) == 500
+    assert again.search(queries, list("abcde"), k=3).to_dict() == index.search(queries, list("abcde"), k=3).to_dict()
+
+
+def test_index_errors():
+    docs = rand(10, 8, 0)
+    index = DenseIndex(docs, range(10))
+    with pytest.raises(ValueError, match="dimension 4 but the index holds 8-d"):
+        index.search(rand(2, 4, 1), ["a", "b"])
+    bad = rand(2, 8, 1)
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN/inf"):
+        index.search(bad, ["a", "b"])
+    with pytest.raises(ValueError, match="non-empty"):
+        DenseIndex(np.zeros((0, 8), np.float32), [])
+    with pytest.raises(ValueError, match="3 ids for 10"):
+        DenseIndex(docs, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="faiss cannot build"):
+        DenseIndex(docs, range(10), factory="Nonsense42")
+    with pytest.warns(UserWarning, match="larger than the collection"):
+        run = index.search(rand(1, 8, 2), ["q"], k=50)
+    assert len(run["q"]) == 10
+
+
+def test_evaluate_known_values_and_coverage_warnings():
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 1}, "q3": {"d9": 1}}
+    run = make_run({"q1": {"d1": 0.9, "d2": 0.5}, "q2": {"d1": 0.9, "d2": 0.5}, "q4": {"d1": 1.0}})
+    with pytest.warns(UserWarning) as record:
+        scores = evaluate(qrels, run, ["mrr@10", "precision@1", "hit_rate@20"])
+    text = " ".join(str(w.message) for w in record)
+    assert "1 of 3 judged queries are missing" in text and "1 queries of the run have no judgements" in text
+    # q1 rank 1, q2 rank 2, q3 missing (0): MRR = (1 + 0.5 + 0) / 3
+    assert scores["mrr@10"] == pytest.approx(0.5)
+    assert scores["precision@1"] == pytest.approx(1 / 3)
+    assert scores["hit_rate@20"] == pytest.approx(2 / 3)
+    assert set(run.keys()) == {"q1", "q2", "q4"}  # the caller's run is not modified
+    with pytest.raises(ValueError, match="missing from run"):
+        evaluate(qrels, run, "mrr@10", strict=True)
+    with pytest.raises(ValueError, match="do not match"):
+        evaluate({"x": {"d1": 1}}, run, "mrr@10")
+    with pytest.raises(ValueError, match="no positive"):
+        make_qrels({"q": {"d": 0}})
+
+
+def test_compare_fisher_report():
+    rng = np.random.default_rng(0)
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(60)}
+    good = make_run({f"q{i}": {f"d{i}": 2.0, f"d{i + 1}": 1.0} for i in range(60)})
+    bad = make_run({f"q{i}": {f"d{i + 1}": 2.0, f"d{i + 2}": 1.5, f"d{i}": float(rng.random())} for i in range(60)})
+    report = compare(qrels, {"good": good, "bad": bad}, metrics=["mrr@10", "precision@1"])
+    assert report.stat_test == "fisher" and report.max_p == 0.01
+    p = report.comparisons["good", "bad"]["mrr@10"]["p_value"]
+    assert 0 <= p <= 0.01
+    md = report_markdown(report)
+    assert "| a | good | 1.000ᵇ |" in md and "Fisher" in md
+    assert "\\begin{table" in report_latex(report)
+
+
+def test_knn_exact_labels_both_votes():
+    train = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [-1, 0.05]], np.float32)
+    labels = ["x", "x", "y", "y", "z"]
+    test = np.array([[1, 0.05], [0.05, 1], [-1, 0]], np.float32)
+    assert list(knn_predict(train, labels, test, k=1)) == ["x", "y", "z"]
+    # [-1, 0]: neighbours z (cos 0.999), y (0.0), y (-0.11): two y votes win the majority,
+    # but z's exp(0.999 / 0.07) outweighs exp(0) + exp(-0.11 / 0.07) in the weighted vote
+    assert list(knn_predict(train, labels, test, k=3, vote="majority")) == ["x", "y", "y"]
+    assert list(knn_predict(train, labels, test, k=3, vote="weighted")) == ["x", "y", "z"]
+    # majority ties (one x, one y among k=2): the nearest neighbour's label wins
+    mid = np.array([[0.72, 0.7], [0.7, 0.72]], np.float32)  # nearest: x (0.790) / y (0.790)
+    assert list(knn_predict(train, labels, mid, k=2, vote="majority")) == ["x", "y"]
+    scores = knn_scores(train, labels, test, ["x", "y", "z"], k=1)
+    assert scores == {"accuracy": 1.0, "macro_f1": 1.0}
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, n_train=5\]"):
+        knn_predict(train, labels, test, k=6)
+    with pytest.raises(ValueError, match="dimension"):
+        knn_predict(train, labels, np.ones((1, 3), np.float32), k=1)
+
+
+def test_bm25_run_and_hard_negatives():
+    docs = {"d1": "the cat sat on the mat", "d2": "a cat and a dog played", "d3": "dogs chase the cat cat cat",
+            "d4": "stock markets fell sharply"}
+    bm25 = BM25(docs, k1=0.5, b=0.3)
+    with pytest.warns(UserWarning, match="larger than the collection"):
+        run = bm25.search({"q": "cat", "m": "markets"}, k=10)
+    ranked = sorted(run["q"], key=lambda d: -run["q"][d])
+    assert set(ranked) == {"d1", "d2", "d3"} and ranked[0] == "d3"  # tf saturates but still wins
+    assert list(run["m"]) == ["d4"]  # zero-score documents are left out
+    negatives = bm25.hard_negatives({"q": "cat", "m": "markets"}, {"q": {"d3": 1}, "m": {"d4": 1}}, k=4)
+    assert negatives == {"q": ranked[1:], "m": []}
+    assert bm25.hard_negatives({"q": "cat"}, {"q": {"d3": 1}}, k=4, n=1) == {"q": ranked[1:2]}
+    with pytest.raises(ValueError, match="at least one document"):
+        BM25({})
