@@ -1,0 +1,74 @@
+"""Collate functions: examples → tokenised batches for the losses in ``petune.train.losses``."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _tokenize(tokenizer, texts, max_length):
+    return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                          return_token_type_ids=False))
+
+
+class RetrievalCollator:
+    """``{"query": str, "positive": str, "negatives": [str, ...]}`` examples → ``{"query", "passages"}``
+    with passages grouped per query (relevant first), as :func:`petune.train.losses.dpr_loss` expects.
+
+    Raises:
+        ValueError: examples in one batch with different numbers of negatives.
+    """
+
+    def __init__(self, tokenizer, query_max_length: int = 64, passage_max_length: int = 256,
+                 query_prefix: str = "", passage_prefix: str = ""):
+        self.tokenizer, self.qlen, self.plen = tokenizer, query_max_length, passage_max_length
+        self.query_prefix, self.passage_prefix = query_prefix, passage_prefix
+
+    def __call__(self, examples):
+        counts = {len(e.get("negatives", [])) for e in examples}
+        if len(counts) > 1:
+            raise ValueError(f"every example of a batch needs the same number of negatives, got {sorted(counts)}")
+        passages = [self.passage_prefix + p for e in examples for p in [e["positive"], *e.get("negatives", [])]]
+        return {"query": _tokenize(self.tokenizer, [self.query_prefix + e["query"] for e in examples], self.qlen),
+                "passages": _tokenize(self.tokenizer, passages, self.plen)}
+
+
+class PairCollator:
+    """``{"a": str, "b": str}`` examples → ``{"a", "b"}`` batches for :class:`PairLoss`."""
+
+    def __init__(self, tokenizer, max_length: int = 128, prefix_a: str = "", prefix_b: str = ""):
+        self.tokenizer, self.max_length, self.prefix_a, self.prefix_b = tokenizer, max_length, prefix_a, prefix_b
+
+    def __call__(self, examples):
+        return {"a": _tokenize(self.tokenizer, [self.prefix_a + e["a"] for e in examples], self.max_length),
+                "b": _tokenize(self.tokenizer, [self.prefix_b + e["b"] for e in examples], self.max_length)}
+
+
+class ClassificationCollator:
+    """``{"text": str, "label": label}`` examples → ``{"inputs", "labels"}``; ``labels`` lists the classes."""
+
+    def __init__(self, tokenizer, labels, max_length: int = 256, prefix: str = ""):
+        self.tokenizer, self.max_length, self.prefix = tokenizer, max_length, prefix
+        self.index = {label: i for i, label in enumerate(labels)}
+
+    def __call__(self, examples):
+        unknown = {e["label"] for e in examples} - set(self.index)
+        if unknown:
+            raise ValueError(f"labels {sorted(map(str, unknown))} are not among the classes {list(self.index)}")
+        return {"inputs": _tokenize(self.tokenizer, [self.prefix + e["text"] for e in examples], self.max_length),
+                "labels": torch.tensor([self.index[e["label"]] for e in examples])}
+
+
+class Seq2SeqCollator:
+    """``{"source": str, "target": str}`` examples → ``{input_ids, attention_mask, labels}``
+    (label padding set to -100 so the LM loss ignores it)."""
+
+    def __init__(self, tokenizer, max_length: int = 256, target_max_length: int = 64, prefix: str = ""):
+        self.tokenizer, self.max_length, self.target_max_length, self.prefix = (
+            tokenizer, max_length, target_max_length, prefix)
+
+    def __call__(self, examples):
+        batch = _tokenize(self.tokenizer, [self.prefix + e["source"] for e in examples], self.max_length)
+        target = _tokenize(self.tokenizer, [e["target"] for e in examples], self.target_max_length)
+        labels = target["input_ids"].masked_fill(target["attention_mask"] == 0, -100)
+        batch["labels"] = labels
+        return batch

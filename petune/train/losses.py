@@ -1,0 +1,135 @@
+"""Training losses. Each loss class is called as ``loss(model, batch)`` by the training loop.
+
+Under several processes the contrastive losses gather the other processes' embeddings (in-batch
+negatives across GPUs, as in DPR / meerqat): gathered copies carry no gradient, the local part
+keeps its own, and labels are offset by the process rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..embed import pool
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All processes' ``x`` concatenated in rank order, the local block keeping its gradient.
+
+    Args:
+        x: ``[n, d]``, the same ``n`` on every process (Accelerate's ``even_batches`` ensures it).
+
+    Returns:
+        ``([world · n, d], rank · n)``: the gathered tensor and the local block's offset.
+    """
+    from accelerate.utils import gather
+
+    from .dist import process_state
+
+    state = process_state()
+    if state.num_processes == 1:
+        return x, 0
+    everyone = gather(x.detach().contiguous())
+    n, rank = x.shape[0], state.process_index
+    return torch.cat([everyone[: rank * n], x, everyone[(rank + 1) * n:]]), rank * n
+
+
+def dpr_loss(queries: torch.Tensor, passages: torch.Tensor, gather: bool = True) -> torch.Tensor:
+    """DPR contrastive loss (Karpukhin et al., 2020) with in-batch and hard negatives.
+
+    Args:
+        queries: ``[N, d]``.
+        passages: ``[N · M, d]`` grouped by query: rows ``i·M … i·M+M-1`` belong to query ``i``,
+            the first relevant, the other ``M-1`` its hard negatives. Every other query's passages
+            are in-batch negatives (from every process when ``gather``).
+
+    Returns:
+        ``NLLLoss(mean)`` of ``log_softmax`` over the ``[N, world · N · M]`` inner-product matrix.
+
+    Raises:
+        ValueError: ``passages`` rows are not a multiple of ``queries`` rows.
+    """
+    n = queries.shape[0]
+    if n == 0 or passages.shape[0] % n:
+        raise ValueError(f"passages ({passages.shape[0]} rows) must hold M rows per query ({n} queries)")
+    m = passages.shape[0] // n
+    everyone, offset = gather_with_grad(passages) if gather else (passages, 0)
+    scores = queries @ everyone.T
+    labels = offset + torch.arange(n, device=queries.device) * m
+    return F.nll_loss(F.log_softmax(scores, dim=1), labels)
+
+
+class LogitScale(nn.Module):
+    """CLIP's learnable temperature: ``exp(s)`` with ``s`` initialised to ``log(1 / 0.07)``, clamped at 100."""
+
+    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.max_log = math.log(max_scale)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=self.max_log).exp()
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, gather: bool = True) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP, Radford et al., 2021) over paired rows of ``a`` and ``b`` ``[N, d]``,
+    cosine similarity times ``scale``."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    all_b, offset = gather_with_grad(b) if gather else (b, 0)
+    all_a, _ = gather_with_grad(a) if gather else (a, 0)
+    labels = offset + torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(scale * a @ all_b.T, labels) + F.cross_entropy(scale * b @ all_a.T, labels)) / 2
+
+
+class DPRLoss(nn.Module):
+    """Task loss for retrieval batches ``{"query": {input_ids, attention_mask}, "passages": {...}}``
+    (from :class:`petune.train.collate.RetrievalCollator`): pool both, then :func:`dpr_loss`."""
+
+    def __init__(self, pooling: str = "mean", gather: bool = True):
+        super().__init__()
+        self.pooling, self.gather = pooling, gather
+
+    def forward(self, model, batch):
+        q = pool(model, batch["query"]["input_ids"], batch["query"]["attention_mask"], self.pooling)
+        p = pool(model, batch["passages"]["input_ids"], batch["passages"]["attention_mask"], self.pooling)
+        return dpr_loss(q, p, self.gather)
+
+
+class PairLoss(nn.Module):
+    """Task loss for paired batches ``{"a": {...}, "b": {...}}``: symmetric InfoNCE with a learnable
+    temperature (:class:`LogitScale`, trained with the method's parameters)."""
+
+    def __init__(self, pooling: str = "mean", init_temperature: float = 0.07, gather: bool = True):
+        super().__init__()
+        self.pooling, self.gather = pooling, gather
+        self.logit_scale = LogitScale(init_temperature)
+
+    def forward(self, model, batch):
+        a = pool(model, batch["a"]["input_ids"], batch["a"]["attention_mask"], self.pooling)
+        b = pool(model, batch["b"]["input_ids"], batch["b"]["attention_mask"], self.pooling)
+        return info_nce(a, b, self.logit_scale(), self.gather)
+
+
+class ClassificationLoss(nn.Module):
+    """Cross-entropy of a linear head on pooled encoder embeddings, for batches
+    ``{"inputs": {...}, "labels": [batch]}``. The head is trained and checkpointed with the task."""
+
+    def __init__(self, d_model: int, num_labels: int, pooling: str = "mean"):
+        super().__init__()
+        self.pooling = pooling
+        self.head = nn.Linear(d_model, num_labels)
+
+    def forward(self, model, batch):
+        x = pool(model, batch["inputs"]["input_ids"], batch["inputs"]["attention_mask"], self.pooling)
+        return F.cross_entropy(self.head(x), batch["labels"])
+
+
+class Seq2SeqLoss(nn.Module):
+    """The model's own LM loss for generative batches ``{input_ids, attention_mask, labels}``
+    (labels padded with -100)."""
+
+    def forward(self, model, batch):
+        return model(**batch).loss

@@ -1,0 +1,197 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import petune
+from conftest import tiny
+from petune.train import (ClassificationCollator, ClassificationLoss, DPRLoss, MultiTaskLoader, PairCollator,
+                          PairLoss, RetrievalCollator, Seq2SeqCollator, Seq2SeqLoss, Task, Trainer, dpr_loss,
+                          task_order)
+from test_embed import CharTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Tok(CharTokenizer):
+    """CharTokenizer with the __call__(padding=True, return_tensors='pt') the collators use."""
+
+    def __call__(self, texts, padding=True, truncation=True, max_length=64, return_tensors=None, **_):
+        return self.pad(super().__call__(texts, max_length=max_length))
+
+
+def retrieval_data(n=16):
+    return [{"query": f"question {i}", "positive": f"passage number {i} " * 2, "negatives": [f"unrelated {i + 7}"]}
+            for i in range(n)]
+
+
+def tasks_for(model_d=32, n=16):
+    return [Task("ret", retrieval_data(n), RetrievalCollator(Tok()), DPRLoss(), batch_size=4),
+            Task("cls", [{"text": f"text {i}", "label": i % 3} for i in range(n)],
+                 ClassificationCollator(Tok(), [0, 1, 2]), ClassificationLoss(model_d, 3), batch_size=4)]
+
+
+# -- round-robin ------------------------------------------------------------------------------
+def test_task_order_exact_sequences():
+    counts = {"a": 3, "b": 2, "c": 1}
+    assert task_order(counts, "proportional", seed=0, epoch=0) == ["b", "a", "a", "a", "c", "b"]
+    assert task_order(counts, "proportional", seed=0, epoch=1) == ["a", "b", "c", "a", "b", "a"]
+    assert task_order(counts, "cycle") == ["a", "b", "c"] * 3
+    assert task_order(counts, "balanced", seed=0) == ["a", "c", "b"]
+    assert sorted(task_order(counts, "balanced", batches_per_task=2)) == ["a", "a", "b", "b", "c", "c"]
+    with pytest.raises(ValueError, match=r"\['c'\] have no batches"):
+        task_order({"a": 1, "c": 0})
+    with pytest.raises(ValueError, match="mode must be one of"):
+        task_order(counts, "random")
+
+
+def test_loader_every_epoch_yields_and_cycle_restarts():
+    loaders = {"a": DataLoader(list(range(6)), batch_size=2), "b": DataLoader(list(range(10, 12)), batch_size=2)}
+    mtl = MultiTaskLoader(loaders, "proportional", seed=3)
+    epochs = []
+    for epoch in range(2):
+        mtl.set_epoch(epoch)
+        epochs.append([(t, b.tolist()) for t, b in mtl])
+    assert all(len(e) == 4 for e in epochs), "an epoch came out empty"
+    assert [t for t, _ in epochs[0]] != [t for t, _ in epochs[1]]
+    assert sorted(x for t, b in epochs[1] for x in b) == [0, 1, 2, 3, 4, 5, 10, 11]
+    cycle = list(MultiTaskLoader(loaders, "cycle"))
+    assert [t for t, _ in cycle] == ["a", "b"] * 3
+    assert [b.tolist() for t, b in cycle if t == "b"] == [[10, 11]] * 3  # the short task restarts
+    skipped = list(MultiTaskLoader(loaders, "cycle").iterate(start=4))
+    assert [(s, t) for s, t, _ in skipped] == [(4, "a"), (5, "b")]
+
+
+# -- losses -----------------------------------------------------------------------------------
+def test_dpr_loss_by_hand():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0], [0.5, 0.0]])  # q0: p0 (+), p1; q1: p2 (+), p3
+    scores = q @ p.T
+    expected = -(torch.log_softmax(scores, 1)[0, 0] + torch.log_softmax(scores, 1)[1, 2]) / 2
+    torch.testing.assert_close(dpr_loss(q, p), expected)
+    with pytest.raises(ValueError, match="M rows per query"):
+        dpr_loss(q, p[:3])
+
+
+@pytest.mark.multiproc
+def test_two_processes_agree(tmp_path):
+    """torchrun --nproc_per_node 2: same task order, gathered losses equal single-process ones,
+    identical parameters after a two-process Trainer run."""
+    env = {**os.environ, "CHECK_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "multiproc" / "ddp_check.py")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["order"] == r1["order"]
+    assert r0["dpr_mean_over_processes"] == pytest.approx(r0["dpr_single_process"], rel=1e-6)
+    assert r0["nce_mean_over_processes"] == pytest.approx(r0["nce_single_process"], rel=1e-6)
+    assert r0["dpr_local_grad_nonzero"] and r1["dpr_local_grad_nonzero"]
+    assert r0["steps"] == r1["steps"] == 4  # 16 examples / batch 2 / 2 processes
+    assert r0["param_checksum"] == r1["param_checksum"]
+
+
+# -- the loop ---------------------------------------------------------------------------------
+METHODS = [("lora", dict(r=4)), ("ia3", {}), ("prompt", dict(num_virtual_tokens=4)), ("adapter", dict(d=8))]
+
+
+@pytest.mark.parametrize("method,options", METHODS)
+@pytest.mark.parametrize("multi", [False, True])
+def test_trains_every_method_only_tuned_parameters(method, options, multi):
+    model = tiny("t5")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tuned = petune.attach(model, method, tasks=["ret", "cls"] if multi else None, **options)
+    before = {n: p.detach().clone() for n, p in tuned.tuned_parameters().items()}
+    history = Trainer(tuned, tasks_for(), epochs=1, lr=5e-2, progress=False, log_with=None).fit()
+    assert len(history["loss"]) == 8 and history["skipped_steps"] == 0
+    assert all(np.isfinite(loss) for _, _, loss in history["loss"])
+    after = tuned.tuned_parameters()
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    if multi:  # each task's module moved
+        for task in ("ret", "cls"):
+            assert moved & set(tuned.task_parameters(task)), task
+    else:
+        assert moved
+    now = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+           for n, p in tuned.base_model.named_parameters()}
+    for name, p in base.items():
+        assert torch.equal(now[name], p), name
+
+
+def test_all_loss_kinds_run():
+    tuned = petune.attach(tiny("t5"), "lora", tasks=["pair", "gen"])
+    tasks = [Task("pair", [{"a": f"left {i}", "b": f"right {i}"} for i in range(8)], PairCollator(Tok()), PairLoss(),
+                  batch_size=4),
+             Task("gen", [{"source": f"copy {i}", "target": f"{i}"} for i in range(8)], Seq2SeqCollator(Tok()),
+                  Seq2SeqLoss(), batch_size=4)]
+    trainer = Trainer(tuned, tasks, epochs=2, lr=1e-2, progress=False, log_with=None)
+    scale = tasks[0].loss.logit_scale.log_scale.detach().clone()
+    history = trainer.fit()
+    assert {t for _, t, _ in history["loss"]} == {"pair", "gen"}
+    assert not torch.equal(tasks[0].loss.logit_scale.log_scale, scale)  # the temperature is learned
+
+
+def test_loss_decreases_on_real_bbc_subset(minilm_bert2bert, minilm_tokenizer):
+    """Headline → article retrieval on real BBC News with the real MiniLM BERT2BERT and LoRA."""
+    from petune.data.packaged import bbc_news
+
+    articles = bbc_news()[::40][:48]
+    data = [{"query": a["headline"], "positive": a["body"][:300]} for a in articles]
+    torch.manual_seed(0)
+    tuned = petune.attach(minilm_bert2bert, "lora", r=8, tasks=["bbc"])
+    task = Task("bbc", data, RetrievalCollator(minilm_tokenizer, passage_max_length=96), DPRLoss(), batch_size=16)
+    history = Trainer(tuned, [task], epochs=4, lr=3e-3, warmup_ratio=0.0, progress=False, log_with=None).fit()
+    losses = [loss for _, _, loss in history["loss"]]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) * 0.8, losses
+
+
+def run_to_end(tmp_path, name, max_steps=None, resume=None):
+    torch.manual_seed(0)
+    tuned = petune.attach(tiny("t5"), "lora", tasks=["ret", "cls"])  # T5 dropout 0.1: RNG state matters
+    trainer = Trainer(tuned, tasks_for(n=12), epochs=3, lr=1e-2, seed=5, output_dir=tmp_path / name,
+                      checkpoint_every=4, max_steps=max_steps, progress=False, log_with=None)
+    history = trainer.fit(resume_from=resume)
+    return tuned, trainer, history
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full, _, full_history = run_to_end(tmp_path, "full")
+    _, first, _ = run_to_end(tmp_path, "split", max_steps=7)  # stops mid-epoch (6 batches per epoch)
+    assert first.latest_checkpoint().name == "step-00000007"
+    resumed, _, resumed_history = run_to_end(tmp_path, "split", resume="latest")
+    assert len(resumed_history["loss"]) == len(full_history["loss"]) == 18
+    for name, p in full.tuned_parameters().items():
+        assert torch.equal(p, resumed.tuned_parameters()[name]), name
+    assert resumed_history["loss"] == full_history["loss"]
+
+
+def test_checkpoint_is_atomic_and_complete(tmp_path):
+    _, trainer, _ = run_to_end(tmp_path, "run")
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000016", "step-00000018"]  # keep_checkpoints=2, no temp dirs
+    files = {p.name for p in (tmp_path / "run" / "checkpoints" / "step-00000018").iterdir()}
+    assert {"tuned", "optimizer.bin", "trainer_state.json", "random_states_0.pkl"} <= files
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="empty dataset"):
+        Task("ret", [], RetrievalCollator(Tok()), DPRLoss())
+    tuned = petune.attach(tiny("t5"), "lora", tasks=["ret"])
+    with pytest.raises(ValueError, match=r"task 'cls' has no module.*attach with tasks=\['ret', 'cls'\]"):
+        Trainer(tuned, tasks_for(), progress=False, log_with=None)
+    nan_task = Task("ret", retrieval_data(), RetrievalCollator(Tok()), lambda m, b: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="NaN/inf at the first step"):
+        Trainer(tuned, [nan_task], progress=False, log_with=None).fit()
+    # a checkpoint of another method cannot be resumed
+    _, trainer, _ = run_to_end(tmp_path, "lora", max_steps=4)
+    other = petune.attach(tiny("t5"), "ia3", tasks=["ret", "cls"])
+    with pytest.raises(ValueError, match="another run"):
+        Trainer(other, tasks_for(n=12), seed=5, sampling="proportional", output_dir=tmp_path / "lora",
+                progress=False, log_with=None).fit(resume_from="latest")
