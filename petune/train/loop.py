@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -129,7 +130,7 @@ class Trainer:
             optimizer, int(warmup_ratio * self.total_schedule), self.total_schedule)
         acc.register_for_checkpointing(self.scheduler, self.losses)
         self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "skipped_steps": 0}
-        self.history: dict = {"loss": [], "eval": [], "skipped_steps": 0}
+        self.history: dict = {"loss": [], "eval": [], "skipped_steps": 0, "step_seconds": []}
 
     # -- helpers -------------------------------------------------------------------------------
     def _broadcast_parameters(self):
@@ -230,7 +231,9 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, resume_from: str | os.PathLike | None = None) -> dict:
         """Train; ``resume_from`` a checkpoint dir, or ``"latest"`` (in ``output_dir``; starts
-        fresh when there is none). Returns the history: per-step losses, evaluations, skipped steps."""
+        fresh when there is none). Returns the history: per-step losses (``[step, task, loss]``),
+        evaluations, skipped steps and the wall time of each optimizer step (``step_seconds``,
+        data loading included)."""
         from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
@@ -251,6 +254,8 @@ class Trainer:
             self.loader.set_epoch(epoch)
             n_batches = len(self.loader)
             for index, task, batch in self.loader.iterate(start=self.state["batch_in_epoch"]):
+                if micro == 0:
+                    window_start = time.perf_counter()
                 self.model.use_task(self._module_task(task))
                 with acc.autocast():
                     loss = self.tasks[task].loss(self.model, batch)
@@ -270,6 +275,7 @@ class Trainer:
                 if micro and (micro == self.accumulation or last):
                     micro = 0
                     if self._optimizer_step():
+                        self.history["step_seconds"].append(time.perf_counter() - window_start)
                         bar.update(1)
                         bar.set_postfix(task=task, loss=f"{float(loss.detach()):.4f}")
                         done = self._after_step(last_batch=last, epoch=epoch)
@@ -318,7 +324,8 @@ class Trainer:
         if last_batch:  # a checkpoint taken here resumes at the next epoch
             self.state["epoch"], self.state["batch_in_epoch"] = epoch + 1, 0
         if self.history["loss"]:
-            self.accelerator.log({"loss": self.history["loss"][-1][2], "lr": self.scheduler.get_last_lr()[0]}, step=step)
+            self.accelerator.log({"loss": self.history["loss"][-1][2], "lr": self.scheduler.get_last_lr()[0]},
+                                 step=step)
         if self.eval_fn is not None and self.eval_every and step % self.eval_every == 0:
             self._evaluate()
         stop = self.max_steps is not None and step >= self.max_steps

@@ -1,0 +1,197 @@
+"""ViQuAE passage retrieval: DPR-style tuning of an encoder-decoder with a petune method.
+
+    accelerate launch recipes/viquae.py --model t5-base --method adapter --reduction-factor 8
+    accelerate launch recipes/viquae.py --dataset-path viquae/dataset --kb-path viquae/kb \
+        --passages-path viquae/passages --index-factory "IVF65536,PQ64"
+
+Data: PaulLerner/viquae_dataset / viquae_wikipedia / viquae_passages from the Hugging Face Hub,
+or local copies saved with ``save_to_disk`` (--dataset-path, --kb-path, --passages-path). If
+neither loads, the job exits with status 2 and says what is missing and how to get it.
+
+Steps (following meerqat, Lerner et al. 2022):
+1. relevant passages: passages of the provenance article containing the normalised original or
+   alternative answer; questions with none are reported and dropped;
+2. BM25 (bm25s, k1=0.5, b=0.3) over all passages: top-100 minus relevant = hard negatives (BM25
+   order) for training, and the BM25 baseline run on the test split;
+3. DPR training: one relevant + one hard negative passage per question, in-batch negatives
+   (optionally first on --first-stage-dataset, e.g. TriviaQA in the same schema);
+4. passages encoded, FAISS index (--index-factory, Flat inner product by default), test questions
+   searched; ranx MRR@100, P@1, P@20, Hit@20 vs BM25 (and the frozen model with --compare-frozen),
+   Fisher's randomization test p ≤ 0.01; report.md / report.json and the tuned parameters
+   (petune.save) in --output-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import petune  # noqa: E402
+from common import DEFAULT_LR, add_method_args, load_model, method_options, write_report  # noqa: E402
+from petune.data import viquae  # noqa: E402
+from petune.embed import encode  # noqa: E402
+from petune.score import BM25, DenseIndex, compare, report_markdown  # noqa: E402
+from petune.train import DPRLoss, RetrievalCollator, Task, Trainer  # noqa: E402
+from petune.train.dist import process_state  # noqa: E402
+
+log = logging.getLogger("viquae")
+METRICS = ["mrr@100", "precision@1", "precision@20", "hit_rate@20"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset-path", help="local copy of PaulLerner/viquae_dataset (save_to_disk)")
+    parser.add_argument("--kb-path", help="local copy of PaulLerner/viquae_wikipedia")
+    parser.add_argument("--passages-path", help="local copy of PaulLerner/viquae_passages")
+    parser.add_argument("--first-stage-dataset", help="optional first training stage (e.g. TriviaQA) in the "
+                        "ViQuAE question schema, searched against the same KB; a path or hub id")
+    parser.add_argument("--first-stage-epochs", type=int, default=1)
+    parser.add_argument("--model", help="seq2seq model name or path (default: the packaged MiniLM BERT2BERT)")
+    add_method_args(parser)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bm25-k1", type=float, default=0.5)
+    parser.add_argument("--bm25-b", type=float, default=0.3)
+    parser.add_argument("--hard-negatives-k", type=int, default=100, help="BM25 depth mined for hard negatives")
+    parser.add_argument("--index-factory", default="Flat", help="faiss factory string, e.g. 'IVF65536,PQ64'")
+    parser.add_argument("--question-length", type=int, default=64)
+    parser.add_argument("--passage-length", type=int, default=256)
+    parser.add_argument("--compare-frozen", action="store_true", help="also score the frozen model (encodes "
+                        "the passages twice)")
+    parser.add_argument("--output-dir", default="runs/viquae")
+    args = parser.parse_args(argv)
+    args.lr = args.lr or DEFAULT_LR[args.method]
+    return args
+
+
+def training_examples(split, qrels, negatives, passages):
+    """One example per question: its first relevant passage and its first BM25 hard negative."""
+    examples, skipped = [], 0
+    for qid, question in zip(viquae.question_ids(split), split["input"]):
+        if qid not in qrels:
+            continue
+        if not negatives.get(qid):
+            skipped += 1
+            continue
+        relevant = next(iter(qrels[qid]))
+        examples.append({"query": question, "positive": passages[int(relevant)]["passage"],
+                         "negatives": [passages[int(negatives[qid][0])]["passage"]]})
+    return examples, skipped
+
+
+def dense_run(model, tokenizer, passage_texts, split, qids, args):
+    vecs = encode(model, tokenizer, passage_texts, max_length=args.passage_length)
+    index = DenseIndex(vecs, [str(i) for i in range(len(passage_texts))], factory=args.index_factory)
+    questions = dict(zip(viquae.question_ids(split), split["input"]))
+    q = encode(model, tokenizer, [questions[i] for i in qids], max_length=args.question_length)
+    return index.search(q, qids, k=min(100, len(passage_texts)))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    state = process_state()
+    started = time.time()
+    try:
+        dataset = viquae.load("dataset", args.dataset_path)
+        kb = viquae.load("kb", args.kb_path)
+        passages = viquae.load("passages", args.passages_path)
+        first_stage = viquae.load("dataset", args.first_stage_dataset) if args.first_stage_dataset else None
+    except viquae.MissingDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    missing = [s for s in ("train", "test") if s not in dataset]
+    if missing:
+        print(f"error: the ViQuAE dataset has no {missing} split(s); it has {list(dataset)}", file=sys.stderr)
+        return 2
+
+    links = viquae.article_passages(kb, passages)
+    qrels, dropped = {}, {}
+    for split in ("train", "test"):
+        qrels[split], dropped[split] = viquae.relevant_passages(dataset[split], kb, passages, links)
+        log.info("%s: %d questions with relevant passages, %d without (dropped)", split, len(qrels[split]),
+                 len(dropped[split]))
+    passage_texts = passages["passage"]
+    bm25 = BM25({str(i): t for i, t in enumerate(passage_texts)}, k1=args.bm25_k1, b=args.bm25_b)
+
+    def mine(split, split_qrels):
+        questions = {q: t for q, t in zip(viquae.question_ids(split), split["input"]) if q in split_qrels}
+        k = min(args.hard_negatives_k, len(passage_texts))
+        return bm25.hard_negatives(questions, split_qrels, k=k)
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    test_ids = list(qrels["test"])
+    frozen_run = None
+    if args.compare_frozen and state.is_main_process:
+        frozen_run = dense_run(model, tokenizer, passage_texts, dataset["test"], test_ids, args)
+
+    tuned = petune.attach(model, args.method, **method_options(args))
+    if state.is_main_process:
+        print(tuned.trainable_report())
+    collate = RetrievalCollator(tokenizer, query_max_length=args.question_length,
+                                passage_max_length=args.passage_length)
+    out_dir = Path(args.output_dir)
+    stages = []
+    if first_stage is not None:
+        fs_qrels, fs_dropped = viquae.relevant_passages(first_stage["train"], kb, passages, links)
+        stages.append(("first_stage", first_stage["train"], fs_qrels, args.first_stage_epochs))
+    stages.append(("viquae", dataset["train"], qrels["train"], args.epochs))
+    histories, skipped_no_negative = {}, {}
+    for name, split, split_qrels, epochs in stages:
+        examples, skipped_no_negative[name] = training_examples(split, split_qrels, mine(split, split_qrels), passages)
+        if not examples:
+            print(f"error: no training examples for {name} (no question has both a relevant passage and a "
+                  "BM25 hard negative)", file=sys.stderr)
+            return 2
+        task = Task(name, examples, collate, DPRLoss(), batch_size=min(args.batch_size, len(examples)),
+                    drop_last=True)
+        histories[name] = Trainer(tuned, [task], epochs=epochs, lr=args.lr, seed=args.seed,
+                                  output_dir=out_dir / name, checkpoint_every=200).fit()
+
+    if state.is_main_process:
+        test = dataset["test"]
+        questions = dict(zip(viquae.question_ids(test), test["input"]))
+        runs = {"BM25": bm25.search({q: questions[q] for q in test_ids}, k=min(100, len(passage_texts)))}
+        if frozen_run is not None:
+            runs["frozen"] = frozen_run
+        label = f"{args.method}"
+        runs[label] = dense_run(tuned, tokenizer, passage_texts, test, test_ids, args)
+        report = compare(qrels["test"], runs, metrics=METRICS)
+        petune.save(tuned, out_dir / "tuned")
+        summary = {
+            "command": "recipes/viquae.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "method": args.method, "options": method_options(args), "lr": args.lr, "epochs": args.epochs,
+            "trainable": tuned.trainable_report().as_dict(), "index_factory": args.index_factory,
+            "questions": {s: {"with_relevant": len(qrels[s]), "dropped_no_relevant": len(dropped[s])}
+                          for s in qrels},
+            "skipped_no_hard_negative": skipped_no_negative,
+            "steps": {k: len(h["loss"]) for k, h in histories.items()},
+            "scores": {run: dict(v) for run, v in report.results.items()},
+            "p_values": {f"{a} vs {b}": {m: report.comparisons[a, b][m]["p_value"] for m in METRICS}
+                         for (a, b) in report.comparisons},
+            "total_seconds": round(time.time() - started, 1),
+        }
+        markdown = "\n".join([
+            f"# petune ViQuAE recipe — {label}", "", f"`{summary['command']}`", "",
+            f"Test: {len(qrels['test'])} questions with a relevant passage ({len(dropped['test'])} dropped), "
+            f"{len(passage_texts)} passages, index `{args.index_factory}`.", "",
+            report_markdown(report), ""])
+        write_report(out_dir, markdown, summary)
+        print(markdown)
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

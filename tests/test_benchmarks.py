@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end in their --quick sizes (timings are never asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_quick_writes_tables_and_plots(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--rows", "frozen", "LoRA r=8",
+           "--work", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    lora, frozen = results["rows"]["LoRA r=8"], results["rows"]["frozen"]
+    assert lora["trainable"] > 0 and frozen["trainable"] == 0
+    assert 0 < lora["news"]["mrr@10"][0] <= 1 and lora["step_seconds_median"] > 0
+    assert lora["encode_texts_per_s_merged"] > 0  # LoRA merges through peft
+    assert lora["saved_mib"] > 0 and lora["peak_rss_mib"] > 0
+    for name in ("RESULTS.md", "results.tex", "quality_vs_params.png", "cost.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    assert "| LoRA r=8 |" in (tmp_path / "out" / "RESULTS.md").read_text()
+
+
+def test_overhead_quick(tmp_path):
+    out = tmp_path / "overhead.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--quick", "--methods", "lora",
+           "--output", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())["lora"]
+    assert result["step_ratio"] > 0 and result["encode_ratio"] > 0

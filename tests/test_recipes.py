@@ -1,0 +1,125 @@
+"""End-to-end runs of the recipes on real offline data (offline.py --quick) and on a ViQuAE
+fixture in the real schema, built here; plus ViQuAE's missing-data exit."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "recipes"))
+
+from petune.data import viquae  # noqa: E402
+
+ENTITIES = [  # (wikipedia_id, title, answer, question template)
+    ("101", "Zorvia", "Kestrel Bay", "the capital of"),
+    ("102", "Mount Helvar", "Ilsa Brandt", "first climbed by"),
+    ("103", "The Quiet Loom", "Odile Ferrant", "the painter of"),
+    ("104", "Varnholt Castle", "1412", "the year building of"),
+    ("105", "Lake Oskeru", "Tamsin River", "the outflow of"),
+    ("106", "Baron Ferro", "Velmont", "the birthplace of"),
+    ("107", "SS Aldergrove", "Harland Yard", "the shipyard of"),
+    ("108", "Prelude in Mist", "Ansel Korda", "the composer of"),
+    ("109", "Gravenport", "Saint Aubric", "the patron saint of"),
+    ("110", "The Ember Crown", "Queen Maelis", "the owner of"),
+    ("111", "Hollin Bridge", "Corwen Dale", "the engineer of"),
+    ("112", "Isle of Tavren", "Port Selby", "the main port of"),
+]
+
+
+def build_fixture(root: Path) -> dict:
+    import datasets
+
+    passages, kb = [], {"wikipedia_id": [], "wikipedia_title": [], "passage_index": []}
+    for wid, title, answer, _ in ENTITIES:
+        rows = []
+        for text in (f"{title} is known across the region and often visited by travellers.",
+                     f"Records about {title} mention {answer} as a key fact.",
+                     f"Later histories of {title} discuss trade and weather."):
+            rows.append(len(passages))
+            passages.append({"passage": f"{title}. {text}"})
+        kb["wikipedia_id"].append(wid)
+        kb["wikipedia_title"].append(title)
+        kb["passage_index"].append(rows)
+
+    def question(i, wid, title, answer, template, alt=True):
+        return {"id": f"q{i}", "input": f"What is {template} {title}?",
+                "output": {"original_answer": answer, "answer": [answer.upper()] if alt else [],
+                           "provenance": [{"wikipedia_id": wid, "title": title}]}}
+
+    qs = [question(i, *e) for i, e in enumerate(ENTITIES)]
+    # a question whose answer is in no passage: reported and dropped
+    qs.append({"id": "q-none", "input": "What is the motto of Zorvia?",
+               "output": {"original_answer": "Ever Onward", "answer": [],
+                          "provenance": [{"wikipedia_id": "101", "title": "Zorvia"}]}})
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(qs[:8]),
+                                   "validation": datasets.Dataset.from_list(qs[8:10]),
+                                   "test": datasets.Dataset.from_list(qs[8:])})
+    paths = {"dataset": root / "dataset", "kb": root / "kb", "passages": root / "passages"}
+    splits.save_to_disk(str(paths["dataset"]))
+    datasets.Dataset.from_dict(kb).save_to_disk(str(paths["kb"]))
+    datasets.Dataset.from_list(passages).save_to_disk(str(paths["passages"]))
+    return paths
+
+
+def test_normalize_and_relevance_rule(tmp_path):
+    paths = build_fixture(tmp_path)
+    assert viquae.normalize_answer("The  Kestrel-Bay!") == "kestrelbay"
+    assert viquae.normalize_answer("An Apple a day") == "apple day"
+    dataset, kb, passages = (viquae.load(k, str(paths[k])) for k in ("dataset", "kb", "passages"))
+    qrels, dropped = viquae.relevant_passages(dataset["test"], kb, passages)
+    assert dropped == ["q-none"]
+    assert qrels == {"q8": {"25": 1}, "q9": {"28": 1}, "q10": {"31": 1}, "q11": {"34": 1}}
+    # passages linked by wikipedia_id instead of a passage_index column give the same qrels
+    linked = passages.add_column("wikipedia_id", [e[0] for e in ENTITIES for _ in range(3)])
+    assert viquae.relevant_passages(dataset["test"], kb.remove_columns("passage_index"), linked)[0] == qrels
+
+
+def test_viquae_recipe_end_to_end_on_fixture(tmp_path):
+    import viquae as recipe
+
+    paths = build_fixture(tmp_path / "data")
+    out = tmp_path / "run"
+    rc = recipe.main(["--dataset-path", str(paths["dataset"]), "--kb-path", str(paths["kb"]),
+                      "--passages-path", str(paths["passages"]), "--method", "lora", "--epochs", "2",
+                      "--batch-size", "4", "--passage-length", "48", "--compare-frozen", "--output-dir", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["questions"]["test"] == {"with_relevant": 4, "dropped_no_relevant": 1}
+    assert set(report["scores"]) == {"BM25", "frozen", "lora"}
+    for scores in report["scores"].values():
+        assert set(scores) == {"mrr@100", "precision@1", "precision@20", "hit_rate@20"}
+        assert 0.0 <= scores["mrr@100"] <= 1.0
+    assert report["scores"]["BM25"]["hit_rate@20"] == 1.0  # 36 passages: everything relevant is in the top 20
+    assert report["steps"]["viquae"] == 4  # 8 train questions / batch 4 x 2 epochs
+    assert "Fisher" in (out / "report.md").read_text()
+    assert (out / "tuned" / "petune.json").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--dataset-path", "/nonexistent/viquae"], "does not exist"),
+    ([], "cannot load PaulLerner/viquae_dataset"),
+])
+def test_viquae_missing_data_exits_with_instructions(args, expected):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "recipes" / "viquae.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert expected in done.stderr and "save_to_disk" in done.stderr and "--dataset-path" in done.stderr
+
+
+def test_offline_recipe_quick(tmp_path):
+    """The README's main job in its smoke size: real MiniLM, real BBC News and ChatterBot."""
+    import offline
+
+    offline.main(["--quick", "--output-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["results"]) == {"news", "qa", "topic"}
+    for task in ("news", "qa"):
+        assert set(report["results"][task]["scores"]) == {"frozen", "BM25", "adapter (multi)"}
+        assert report["results"][task]["scores"]["frozen"]["mrr@10"] > 0.3  # far above random
+    assert report["steps"] > 0 and report["skipped_steps"] == 0
+    assert (tmp_path / "report.md").exists() and (tmp_path / "tuned" / "model.safetensors").exists()
