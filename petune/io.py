@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,33 @@ from .tuned import TunedModel, attach
 CONFIG_NAME = "petune.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move the finished directory ``tmp`` to ``path``; an existing ``path`` is renamed aside
+    first and removed after, so ``path`` always holds a complete old or new directory."""
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.rename(path, old / "d")
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temp directory beside ``path``; on success it replaces ``path`` (:func:`replace_dir`),
+    on error it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def _fingerprint(base: nn.Module) -> dict:
@@ -65,22 +93,10 @@ def save(tuned: TunedModel, path: str | os.PathLike) -> Path:
     except TypeError as e:
         raise ValueError(f"cannot save: the options of method {tuned.method.name!r} are not "
                          f"JSON-serialisable ({e})") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / WEIGHTS_NAME,
                   metadata={"format": "pt", "petune_method": tuned.method.name})
         (tmp / CONFIG_NAME).write_text(text)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.rename(path, old / "d")
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 
@@ -112,8 +128,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> TunedModel:
 
     Raises:
         FileNotFoundError: no petune save at ``path``.
-        ValueError: the save is for another method, options, tasks, architecture or shapes. The
-            checks run before anything is attached or copied, so ``model`` is left untouched.
+        ValueError: the save is for another method, options, tasks, architecture or shapes.
+            Architecture, method, options and tasks are checked before anything is attached;
+            shapes before any value is copied.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file

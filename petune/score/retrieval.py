@@ -4,9 +4,6 @@ with ranx (metrics, Fisher's randomization test, markdown / LaTeX reports)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -109,22 +106,16 @@ class DenseIndex:
         return Run(run)
 
     def save(self, path) -> Path:
-        """Write ``index.faiss`` and ``ids.json`` to the directory ``path`` (atomically)."""
+        """Write ``index.faiss`` and ``ids.json`` to the directory ``path`` (built beside it and
+        renamed into place: an interrupted save leaves the previous index)."""
         import faiss
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        from ..io import atomic_dir
+
+        with atomic_dir(path) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             (tmp / "ids.json").write_text(json.dumps({"ids": self.ids, "factory": self.factory, "metric": self.metric}))
-            if path.exists():
-                shutil.rmtree(path)
-            os.rename(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path) -> "DenseIndex":

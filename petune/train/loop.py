@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..io import load as load_tuned
+from ..io import replace_dir
 from ..io import save as save_tuned
 from ..tuned import TunedModel
 from .dist import cpu_only, process_state
@@ -192,9 +193,7 @@ class Trainer:
             save_tuned(self.model, tmp / "tuned")
             (tmp / STATE_NAME).write_text(json.dumps({**self.state, "fingerprint": self._fingerprint(),
                                                       "history": self.history}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            replace_dir(tmp, final)
             kept = sorted(p for p in self.checkpoint_root.glob("step-*"))
             for old in kept[:-self.keep_checkpoints] if self.keep_checkpoints else []:
                 shutil.rmtree(old)
