@@ -209,14 +209,16 @@ def write_markdown(table, meta, out: Path):
                      f"{pm(e['qa']['mrr@10'])}{marks(name, e, 'qa')} | {pm(e['qa']['recall@10'])} | "
                      f"{pm(e['topic']['accuracy'])} | {pm(e['topic']['macro_f1'])} | {step} | "
                      f"{e['peak_rss_mib']:.0f} | {enc} |")
-    any_row = next(iter(table.values()))
+    any_row = max(table.values(), key=lambda e: len(e["seeds"]))  # frozen runs once
     text = "\n".join([
         "# petune benchmark: methods side by side", "",
         f"Command: `{meta.get('command', 'python benchmarks/run.py')}`  ",
         f"Machine: {meta.get('machine', '?')}  ",
         f"Data: recipes/offline.py tasks, {meta.get('sizes', '')}; seeds {any_row['seeds']} "
-        "(quality: mean ± std over seeds).", "",
+        "(quality: mean ± std over seeds; frozen is deterministic and runs once).", "",
         *lines, "",
+        "Learning rates (AdamW, linear warmup 10 % + decay): "
+        + ", ".join(f"{n} {lr:g}" for n, (_, _, _, lr) in ROWS.items() if lr) + ".  ",
         f"BM25 MRR@10 on the same test queries: news {any_row['news']['bm25_mrr@10']:.3f}, "
         f"qa {any_row['qa']['bm25_mrr@10']:.3f}.  ",
         "† significantly better than frozen, ‡ than BM25, on MRR@10 with every seed (Fisher's randomization "
@@ -224,8 +226,36 @@ def write_markdown(table, meta, out: Path):
         "Peak RSS: the whole run's process (training and scoring). Encode: petune.encode texts/s on "
         "document texts; in brackets after peft's merge_and_unload where the method can merge.", "",
         "![quality vs trainable parameters](quality_vs_params.png)", "",
-        "![step time and peak memory](cost.png)", ""])
+        "![step time and peak memory](cost.png)", "", *overhead_section(out)])
     (out / "RESULTS.md").write_text(text)
+
+
+def overhead_section(out: Path) -> list[str]:
+    """The overhead and encode-throughput results, when their JSON files sit beside the results."""
+    lines = []
+    if (out / "overhead.json").exists():
+        o = json.loads((out / "overhead.json").read_text())
+        lines += ["## petune's overhead", "",
+                  f"`{o['meta']['command'].strip()}` ({o['meta']['machine']}; {o['meta']['steps']} steps x "
+                  f"{o['meta']['repeats']} repeats, batch {o['meta']['batch_size']}). Ratio = petune time / the same "
+                  "work written directly against peft / adapters / transformers, same process, sides interleaved.", "",
+                  "| method | training step (median s): petune / direct | ratio (target ≤ 1.05) | "
+                  "encode pass (s): petune / direct | ratio (target ≤ 1.10) |", "|---|---|---|---|---|"]
+        for method, r in o.items():
+            if method == "meta":
+                continue
+            s, e = r["step_seconds_median"], r["encode_seconds_min"]
+            lines.append(f"| {method} | {s['petune']:.3f} / {s['direct']:.3f} | {r['step_ratio']:.3f} | "
+                         f"{e['petune']:.2f} / {e['direct']:.2f} | {r['encode_ratio']:.3f} |")
+        lines.append("")
+    if (out / "encode_throughput.json").exists():
+        t = json.loads((out / "encode_throughput.json").read_text())
+        lines += ["## Encode throughput vs a bare Hugging Face encoder", "",
+                  f"`python benchmarks/encode_throughput.py` ({t['texts']} BBC bodies, batch {t['batch_size']}, "
+                  f"max {t['max_length']} tokens; {t['machine']}): petune.encode {t['texts_per_s']['petune']:.1f} "
+                  f"texts/s, bare {t['texts_per_s']['bare']:.1f} texts/s, ratio "
+                  f"{t['ratio_petune_over_bare_throughput']:.3f} (target ≥ 0.90).", ""]
+    return lines
 
 
 def write_latex(table, out: Path):
@@ -254,6 +284,10 @@ def plot(table, out: Path):
             x = max(e["trainable"], 1)
             ax.errorbar(x, e[task][metric][0], yerr=e[task][metric][1], fmt="o", capsize=3)
             ax.annotate(name, (x, e[task][metric][0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if task in ("news", "qa"):
+            bm25 = next(iter(table.values()))[task]["bm25_mrr@10"]
+            ax.axhline(bm25, color="grey", linestyle="--", linewidth=1)
+            ax.annotate("BM25", (1, bm25), fontsize=7, color="grey", xytext=(0, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (frozen plotted at 1)")
         ax.set_title(label, fontsize=9)

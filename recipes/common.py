@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 #: learning rates that work for each method on the offline recipe (AdamW); --lr overrides
-DEFAULT_LR = {"prompt": 3e-2, "adapter": 1e-3, "ia3": 1e-2, "lora": 2e-3}
+DEFAULT_LR = {"prompt": 3e-2, "adapter": 2e-3, "ia3": 1e-2, "lora": 2e-3}
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="seq2seq model name or path (default: the packaged MiniLM BERT2BERT)")
     add_method_args(parser)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="training seed (init, dropout, shuffles)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/val/test splits")
     parser.add_argument("--body-chars", type=int, default=1000, help="BBC bodies are cut to this many characters")
