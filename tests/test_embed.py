@@ -8,12 +8,14 @@ from petune.embed import encode, mean_pool
 
 
 class CharTokenizer:
-    """Enough of a tokenizer for tiny models: one id per character, padding with 0."""
+    """Enough of a tokenizer for tiny models: one id per character, padding with 0. Called with
+    ``padding=True`` (as the training collators do) it returns padded tensors."""
 
     model_max_length = 64
 
-    def __call__(self, texts, truncation=True, max_length=64, **_):
-        return {"input_ids": [[5 + (ord(c) % 100) for c in t][:max_length] or [5] for t in texts]}
+    def __call__(self, texts, truncation=True, max_length=64, padding=False, **_):
+        ids = {"input_ids": [[5 + (ord(c) % 100) for c in t][:max_length] or [5] for t in texts]}
+        return self.pad(ids) if padding else ids
 
     def pad(self, features, return_tensors="pt"):
         ids = features["input_ids"]

@@ -14,16 +14,9 @@ from conftest import tiny
 from petune.train import (ClassificationCollator, ClassificationLoss, DPRLoss, MultiTaskLoader, PairCollator,
                           PairLoss, RetrievalCollator, Seq2SeqCollator, Seq2SeqLoss, Task, Trainer, dpr_loss,
                           task_order)
-from test_embed import CharTokenizer
+from test_embed import CharTokenizer as Tok
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Tok(CharTokenizer):
-    """CharTokenizer with the __call__(padding=True, return_tensors='pt') the collators use."""
-
-    def __call__(self, texts, padding=True, truncation=True, max_length=64, return_tensors=None, **_):
-        return self.pad(super().__call__(texts, max_length=max_length))
 
 
 def retrieval_data(n=16):

@@ -218,9 +218,9 @@ class Trainer:
         if not (path / STATE_NAME).exists():
             raise FileNotFoundError(f"{path} is not a petune checkpoint (no {STATE_NAME})")
         saved = json.loads((path / STATE_NAME).read_text())
-        if saved["fingerprint"] != self._fingerprint():
-            diff = {k: (v, self._fingerprint().get(k)) for k, v in saved["fingerprint"].items()
-                    if self._fingerprint().get(k) != v}
+        now = self._fingerprint()
+        if saved["fingerprint"] != now:
+            diff = {k: (v, now.get(k)) for k, v in saved["fingerprint"].items() if now.get(k) != v}
             raise ValueError(f"checkpoint {path} is for another run: (saved, now) = {diff}")
         load_tuned(self.model, path / "tuned")  # raises on another method / model / shapes
         self.accelerator.load_state(str(path))
