@@ -97,6 +97,7 @@ def build_data(args):
     def examples(data, negatives, positives_of):
         out = []
         for q, text in data.queries.items():
+            # the top BM25 non-relevant document; if BM25 finds none, the first non-relevant one
             neg = negatives.get(q) or [next(d for d in data.docs if d not in data.qrels[q])]
             for d in positives_of(q):
                 out.append({"query": text, "positive": data.docs[d], "negatives": [data.docs[neg[0]]]})
@@ -118,9 +119,8 @@ def build_data(args):
 def embed_all(model, tokenizer, data, args, task_for):
     """Embeddings of every test query and every document, per retrieval task, plus topic vectors."""
     out = {}
-    for name, collection, query_ids in (("news", data["news"], [f"q-{a}" for a in data["splits"]["news"][2]]),
-                                        ("qa", data["chat"], data["splits"]["qa"][2])):
-        doc_ids = list(collection.docs)
+    for name, collection in (("news", data["news"]), ("qa", data["chat"])):
+        doc_ids, query_ids = list(collection.docs), test_queries(data, name)
         task = task_for(name)
         docs = encode(model, tokenizer, [collection.docs[d] for d in doc_ids], task=task, max_length=args.eval_length)
         queries = encode(model, tokenizer, [collection.queries[q] for q in query_ids], task=task, max_length=64)
