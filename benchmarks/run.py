@@ -144,6 +144,9 @@ def summarise(args) -> None:
     if "frozen" not in runs:
         raise SystemExit("no frozen run found: run the benchmark first")
     frozen = runs["frozen"][0]
+    tests = {task: (data["news"] if task == "news" else data["chat"]).subset(offline.test_queries(data, task))
+             for task in ("news", "qa")}
+    bm25_runs = {task: data["bm25"][task].search(tests[task].queries, k=100) for task in tests}  # same for every row
     table = {}
     for name in ROWS:
         if name not in runs:
@@ -152,12 +155,11 @@ def summarise(args) -> None:
         entry = {"seeds": [r["seed"] for r in rows], "trainable": rows[0]["trainable"],
                  "trainable_percent": rows[0]["trainable_percent"], "saved_mib": rows[0]["saved_bytes"] / 2**20}
         for task in ("news", "qa"):
-            test = (data["news"] if task == "news" else data["chat"]).subset(offline.test_queries(data, task))
+            test = tests[task]
             mrr, rec, wins_frozen, wins_bm25 = [], [], 0, 0
             for r in rows:
-                bm25 = data["bm25"][task].search(test.queries, k=100)
                 report = compare(test.qrels, {"system": Run(r["runs"][task]), "frozen": Run(frozen["runs"][task]),
-                                              "BM25": bm25}, metrics=["mrr@10", "recall@10"])
+                                              "BM25": bm25_runs[task]}, metrics=["mrr@10", "recall@10"])
                 mrr.append(report.results["system"]["mrr@10"])
                 rec.append(report.results["system"]["recall@10"])
                 wins_frozen += name != "frozen" and significant_win(report, "frozen")

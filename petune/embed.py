@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from .models import encoder_config
-from .tuned import TunedModel
+from .tuned import TunedModel, base_of
 
 POOLINGS = ("mean", "first", "decoder")
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.base_model if isinstance(model, TunedModel) else model
 
 
 def _encoder_output(model, input_ids, attention_mask, output_hidden_states):
@@ -32,7 +27,7 @@ def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _decoder_start_state(model, states, mask):
     """Last decoder layer's state at the decoder start token, ``[batch, d_model]``."""
-    base = _base(model)
+    base = base_of(model)
     start = getattr(base.config, "decoder_start_token_id", None)
     if start is None:
         start = getattr(getattr(base, "generation_config", None), "decoder_start_token_id", None)
@@ -95,7 +90,7 @@ def _check_args(texts, pooling, layers, layer_combine, batch_size):
 def _max_length(model, tokenizer, max_length):
     """Cap the input length so that input + prompt fits the encoder's position table."""
     limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
-    positions = getattr(encoder_config(_base(model)), "max_position_embeddings", None)
+    positions = getattr(encoder_config(base_of(model)), "max_position_embeddings", None)
     n_virtual = 0
     if isinstance(model, TunedModel) and model.method.name == "prompt":
         n_virtual = model.method.options["num_virtual_tokens"]
@@ -143,7 +138,7 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
     encoded = tokenizer([prefix + t for t in texts], truncation=True, max_length=limit,
                         return_attention_mask=False, return_token_type_ids=False)["input_ids"]
     order = np.argsort([-len(ids) for ids in encoded], kind="stable")  # longest first: OOM shows early
-    device = next(_base(model).parameters()).device
+    device = next(base_of(model).parameters()).device
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     show = len(batches) > 10 if progress is None else progress
     out = None

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from .models import d_model, model_type, num_layers
-from .tuned import TunedModel, attach
+from .tuned import TunedModel, attach, base_of
 
 CONFIG_NAME = "petune.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -136,9 +136,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> TunedModel:
     from safetensors.torch import load_file
 
     config = read_config(path)
-    base = model.base_model if isinstance(model, TunedModel) else model
     expected = config["base"]
-    found = _fingerprint(base)
+    found = _fingerprint(base_of(model))
     if found != expected:
         diff = {k: (expected[k], found.get(k)) for k in expected if expected[k] != found.get(k)}
         raise ValueError(f"{path} was saved for another base model: (saved, given) = {diff}")

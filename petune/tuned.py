@@ -170,6 +170,11 @@ class TunedModel(nn.Module):
         return TrainableReport(self.method.name, sum(per_module.values()), total, per_module, per_task)
 
 
+def base_of(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under a :class:`TunedModel`, or ``model`` itself."""
+    return model.base_model if isinstance(model, TunedModel) else model
+
+
 def _check_tasks(tasks) -> list[str] | None:
     if tasks is None:
         return None
