@@ -8,7 +8,7 @@ freezes everything else and reports what is trainable::
 """
 
 from . import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)
-from .embed import encode
+from .embed import encode, encode_sharded
 from .io import load, read_config, save
 from .methods.base import Method
 from .registry import get_method, methods, register_method
@@ -16,5 +16,5 @@ from .tuned import TrainableReport, TunedModel, attach
 
 __version__ = "0.1.0"
 
-__all__ = ["attach", "encode", "register_method", "methods", "get_method", "Method", "TunedModel",
+__all__ = ["attach", "encode", "encode_sharded", "register_method", "methods", "get_method", "Method", "TunedModel",
            "TrainableReport", "save", "load", "read_config", "__version__"]

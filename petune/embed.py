@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+
 import numpy as np
 import torch
 
+from .cache import Cache, fingerprint, texts_fingerprint, weights_fingerprint
 from .models import encoder_config
 from .tuned import TunedModel, base_of
 
@@ -103,7 +107,8 @@ def _max_length(model, tokenizer, max_length):
 
 def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None = None,
            layer_combine: str = "mean", prefix: str = "", max_length: int = 256, batch_size: int = 32,
-           normalize: bool = False, task: str | None = None, progress: bool | None = None) -> np.ndarray:
+           normalize: bool = False, task: str | None = None, progress: bool | None = None,
+           cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """Embed texts with a (tuned) encoder-decoder: ``[n_texts, d]`` float32, rows in input order.
 
     Args:
@@ -122,6 +127,9 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
         normalize: L2-normalise the rows (cosine similarity = inner product).
         task: the task whose module to use (multi-task tuned models); restored afterwards.
         progress: show a tqdm bar; default: when there are more than 10 batches.
+        cache_dir: reuse the embeddings stored there when the model weights, tokenizer, texts and
+            every option above but ``batch_size`` / ``progress`` are the same (the log says so);
+            otherwise compute and store them (``.npy``, written atomically). See :mod:`petune.cache`.
 
     Returns:
         ``np.ndarray`` of shape ``[len(texts), d]``, dtype float32.
@@ -135,6 +143,14 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
 
     texts = _check_args(texts, pooling, layers, layer_combine, batch_size)
     limit = _max_length(model, tokenizer, max_length)
+    cache = Cache(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        key = _cache_key(model, tokenizer, texts, dict(pooling=pooling, layers=layers, layer_combine=layer_combine,
+                                                       prefix=prefix, max_length=max_length, normalize=normalize,
+                                                       task=task))
+        hit = cache.load_array("embeddings", key)
+        if hit is not None:
+            return hit
     encoded = tokenizer([prefix + t for t in texts], truncation=True, max_length=limit,
                         return_attention_mask=False, return_token_type_ids=False)["input_ids"]
     order = np.argsort([-len(ids) for ids in encoded], kind="stable")  # longest first: OOM shows early
@@ -168,4 +184,85 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
         first = int(np.flatnonzero(bad)[0])
         raise FloatingPointError(f"{int(bad.sum())} embeddings contain NaN/inf (first: text {first}: "
                                  f"{texts[first][:60]!r}); check the model weights and dtype")
+    if cache is not None:
+        cache.save_array("embeddings", key, out)
     return out
+
+
+#: encode() options that change the embeddings (batch_size and progress do not)
+_KEYED = ("pooling", "layers", "layer_combine", "prefix", "max_length", "normalize", "task")
+
+
+def _cache_key(model, tokenizer, texts, options: dict) -> str:
+    """What the embeddings depend on: weights, tokenizer, texts, the keyed options of an encode()
+    call (defaults filled in, max_length as capped) and the task the model routes to."""
+    defaults = {k: p.default for k, p in inspect.signature(encode).parameters.items() if k in _KEYED}
+    options = {k: options.get(k, defaults[k]) for k in _KEYED}
+    options["max_length"] = _max_length(model, tokenizer, options["max_length"])
+    if isinstance(model, TunedModel) and options["task"] is None:
+        options["task"] = model.active_task
+    tok = [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
+           len(tokenizer) if hasattr(tokenizer, "__len__") else None]  # added tokens change the ids
+    return fingerprint(weights_fingerprint(model), tok, texts_fingerprint(texts), options)
+
+
+def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_dir: str | os.PathLike | None = None,
+                   progress: bool | None = None, **options) -> np.ndarray | None:
+    """:func:`encode` split across the processes of an ``accelerate launch`` / ``torchrun`` run.
+
+    Every process must call it with the same texts. Process ``r`` encodes the ``r``-th contiguous
+    block of ``ceil(n / processes)`` texts (the last blocks padded by repeating the last text, so
+    that the collectives see equal shapes); the blocks are gathered in input order and the padding
+    is cut. With one process it is :func:`encode`.
+
+    Args:
+        gather_to: ``"main"`` — the embeddings arrive on the main process only (others get
+            ``None``; what a recipe that scores on rank 0 needs); ``"all"`` — on every process.
+        cache_dir: as in :func:`encode`; the main process decides hit or miss for everyone, and
+            writes the entry.
+        progress: the main process's bar (the others never show one).
+        **options: :func:`encode`'s keyword arguments (pooling, prefix, max_length, task, ...).
+
+    Returns:
+        ``[len(texts), d]`` float32 in input order, or ``None`` off the main process with
+        ``gather_to="main"``.
+
+    Raises:
+        ValueError: bad ``gather_to``; everything :func:`encode` raises.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    from .dist import gather_rows, process_state, shard_indices
+
+    if gather_to not in ("main", "all"):
+        raise ValueError(f"gather_to must be 'main' or 'all', got {gather_to!r}")
+    state = process_state()
+    if state.num_processes == 1:
+        return encode(model, tokenizer, texts, cache_dir=cache_dir, progress=progress, **options)
+    texts = _check_args(texts, options.get("pooling", "mean"), options.get("layers"),
+                        options.get("layer_combine", "mean"), options.get("batch_size", 32))
+    cached = None
+    if cache_dir is not None:
+        # main looks the entry up (encode() with a cache hit never runs the model), then tells the others
+        found = [None]
+        if state.is_main_process:
+            key = _cache_key(model, tokenizer, texts, options)
+            found = [key if Cache(cache_dir).has("embeddings", key, ".npy") else None]
+        broadcast_object_list(found)
+        if found[0] is not None:
+            if state.is_main_process:
+                cached = Cache(cache_dir).load_array("embeddings", found[0])
+            if gather_to == "all":
+                cached = broadcast_object_list([cached])[0]
+            return cached
+    rows = shard_indices(len(texts), state.num_processes, state.process_index)
+    local = encode(model, tokenizer, [texts[i] for i in rows],
+                   progress=progress if state.is_main_process else False, **options)
+    out = gather_rows(local, to_all=gather_to == "all")
+    if out is None:
+        return None
+    out = out[:len(texts)]
+    if cache_dir is not None and state.is_main_process:
+        Cache(cache_dir).save_array("embeddings", key, out)
+    return out
+

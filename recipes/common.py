@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
+
+log = logging.getLogger("recipes")
+#: written in --output-dir; --resume continues only a run started with the same options
+RUN_OPTIONS = "run_options.json"
+#: options that do not change what a run computes, so they may differ on --resume
+NOT_RUN_IDENTITY = {"output_dir", "resume", "cache_dir", "checkpoint_every"}
 
 #: learning rates that work for each method on the offline recipe (AdamW); --lr overrides
 DEFAULT_LR = {"prompt": 3e-2, "adapter": 2e-3, "ia3": 1e-2, "lora": 2e-3}
@@ -23,6 +31,61 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, default=16, help="LoRA alpha")
     g.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt length")
     g.add_argument("--lr", type=float, help=f"learning rate (default per method: {DEFAULT_LR})")
+
+
+def add_run_args(parser: argparse.ArgumentParser, checkpoint_every: int) -> None:
+    g = parser.add_argument_group("resuming and caching")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir "
+                   "(the run must have been started with the same options); without it, a run starts afresh "
+                   "and removes the checkpoints an earlier run left there")
+    g.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="optimizer steps between checkpoints")
+    g.add_argument("--cache-dir", help="where the frozen model's embeddings and the BM25 runs are cached, keyed by "
+                   "model weights, data and options (default: OUTPUT_DIR/cache)")
+
+
+class RunMismatch(ValueError):
+    """--resume on an output dir whose run was started with other options."""
+
+
+def start_run(args, out_dir: Path, checkpoint_dirs: list[Path], state) -> str | None:
+    """Prepare ``out_dir`` for a run on every process; returns the Trainer's ``resume_from``.
+
+    With ``--resume``: checks that ``out_dir``'s run was started with the same options (those
+    outside :data:`NOT_RUN_IDENTITY`) and returns ``"latest"`` (a run with no checkpoint yet
+    starts from scratch, and says so). Without: removes ``checkpoint_dirs`` left by an earlier run
+    (they would mix with this run's) and records this run's options.
+
+    Raises:
+        RunMismatch: ``--resume`` with options that differ from the recorded ones (names them).
+    """
+    options = json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_IDENTITY}))
+    file = out_dir / RUN_OPTIONS
+    if args.resume and file.exists():
+        saved = json.loads(file.read_text())
+        diff = {k: (saved.get(k), options.get(k)) for k in sorted(set(saved) | set(options))
+                if saved.get(k) != options.get(k)}
+        if diff:
+            raise RunMismatch(f"--resume: {out_dir} holds a run started with other options, (then, now) = {diff}. "
+                              "Rerun with the same options, or drop --resume to start afresh.")
+    state.wait_for_everyone()  # everyone has read the file before the main process writes it
+    if state.is_main_process:
+        if not args.resume:
+            for d in checkpoint_dirs:
+                if d.exists():
+                    log.info("starting afresh: removing %s from an earlier run (pass --resume to continue it)", d)
+                    shutil.rmtree(d)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(options, indent=1))
+    state.wait_for_everyone()
+    if not args.resume:
+        return None
+    if not any(d.glob("step-*") for d in checkpoint_dirs if d.exists()):
+        log.info("--resume: no checkpoint in %s yet; starting from scratch", out_dir)
+    return "latest"
+
+
+def cache_dir(args) -> Path:
+    return Path(args.cache_dir) if args.cache_dir else Path(args.output_dir) / "cache"
 
 
 def method_options(args) -> dict:

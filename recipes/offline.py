@@ -34,13 +34,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from common import DEFAULT_LR, add_method_args, load_model, method_options, write_report  # noqa: E402
+from common import (DEFAULT_LR, RunMismatch, add_method_args, add_run_args, cache_dir, load_model,  # noqa: E402
+                    method_options, start_run, write_report)
 from petune.data.packaged import bbc_news, bbc_retrieval, chatterbot_qa, split_ids  # noqa: E402
-from petune.embed import encode  # noqa: E402
+from petune.dist import process_state  # noqa: E402
+from petune.embed import encode_sharded  # noqa: E402
 from petune.score import BM25, DenseIndex, compare, knn_scores, report_markdown  # noqa: E402
 from petune.train import (ClassificationCollator, ClassificationLoss, DPRLoss, RetrievalCollator, Task,  # noqa: E402
                           Trainer)
-from petune.train.dist import process_state  # noqa: E402
 
 log = logging.getLogger("offline")
 METRICS = ["mrr@10", "precision@1", "recall@10", "ndcg@10"]
@@ -60,19 +61,22 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="runs/offline")
     parser.add_argument("--max-articles", type=int, help="use a random subset of BBC articles (by --split-seed)")
     parser.add_argument("--max-questions", type=int, help="use the first N ChatterBot questions")
-    parser.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run on small subsets")
+    parser.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run on small subsets "
+                        "(300 articles, 200 questions unless --max-articles / --max-questions say otherwise)")
+    add_run_args(parser, checkpoint_every=50)
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.batch_size, args.body_chars = 1, 16, 400
-        args.max_articles, args.max_questions = 300, 200
+        args.max_articles, args.max_questions = args.max_articles or 300, args.max_questions or 200
         args.train_passage_length, args.eval_length = 64, 96
     args.lr = args.lr or DEFAULT_LR[args.method]
     return args
 
 
 # -- data ------------------------------------------------------------------------------------
-def build_data(args):
-    """Real data, splits, BM25 hard negatives. Returns a dict of everything the job needs."""
+def build_data(args, cache=None):
+    """Real data, splits, BM25 hard negatives (runs cached in ``cache``). Returns a dict of
+    everything the job needs."""
     articles = bbc_news()
     chat = chatterbot_qa()
     if args.max_articles and args.max_articles < len(articles):
@@ -88,9 +92,9 @@ def build_data(args):
 
     # BM25 hard negatives from the training documents only (test articles stay unseen)
     news_train = news.subset([f"q-{a}" for a in train_a])
-    news_bm25 = BM25({a: news.docs[a] for a in train_a}, k1=0.5, b=0.3)
+    news_bm25 = BM25({a: news.docs[a] for a in train_a}, k1=0.5, b=0.3, cache_dir=cache)
     news_negs = news_bm25.hard_negatives(news_train.queries, news_train.qrels, k=10, n=1)
-    chat_bm25 = BM25(chat.docs, k1=0.5, b=0.3)
+    chat_bm25 = BM25(chat.docs, k1=0.5, b=0.3, cache_dir=cache)
     chat_train = chat.subset(train_q)
     chat_negs = chat_bm25.hard_negatives(chat_train.queries, chat_train.qrels, k=10, n=1)
 
@@ -111,28 +115,33 @@ def build_data(args):
         "news_train": examples(news_train, news_negs, lambda q: news_train.qrels[q]),
         "qa_train": examples(chat_train, chat_negs, lambda q: chat_train.qrels[q]),
         "topic_train": [{"text": news.docs[a], "label": by_id[a]["topic"]} for a in train_a],
-        "bm25": {"news": BM25(news.docs, k1=0.5, b=0.3), "qa": chat_bm25},
+        "bm25": {"news": BM25(news.docs, k1=0.5, b=0.3, cache_dir=cache), "qa": chat_bm25},
     }
 
 
 # -- scoring ---------------------------------------------------------------------------------
-def embed_all(model, tokenizer, data, args, task_for):
-    """Embeddings of every test query and every document, per retrieval task, plus topic vectors."""
+def embed_all(model, tokenizer, data, args, task_for, cache=None):
+    """Embeddings of every test query and every document, per retrieval task, plus topic vectors.
+
+    Every process encodes its share (``encode_sharded``); the embeddings arrive on the main
+    process, which gets the dict (the others get ``None``)."""
     out = {}
     for name, collection in (("news", data["news"]), ("qa", data["chat"])):
         doc_ids, query_ids = list(collection.docs), test_queries(data, name)
         task = task_for(name)
-        docs = encode(model, tokenizer, [collection.docs[d] for d in doc_ids], task=task, max_length=args.eval_length)
-        queries = encode(model, tokenizer, [collection.queries[q] for q in query_ids], task=task, max_length=64)
+        docs = encode_sharded(model, tokenizer, [collection.docs[d] for d in doc_ids], task=task,
+                              max_length=args.eval_length, cache_dir=cache)
+        queries = encode_sharded(model, tokenizer, [collection.queries[q] for q in query_ids], task=task,
+                                 max_length=64, cache_dir=cache)
         out[name] = (doc_ids, docs, query_ids, queries)
     topic_task = task_for("topic")
-    if topic_task == task_for("news"):
-        doc_ids, docs = out["news"][0], out["news"][1]
-        out["topic"] = dict(zip(doc_ids, docs))
-    else:
-        ids = list(data["news"].docs)
-        out["topic"] = dict(zip(ids, encode(model, tokenizer, [data["news"].docs[a] for a in ids], task=topic_task,
-                                            max_length=args.eval_length)))
+    ids = list(data["news"].docs)
+    topic = out["news"][1] if topic_task == task_for("news") else encode_sharded(
+        model, tokenizer, [data["news"].docs[a] for a in ids], task=topic_task, max_length=args.eval_length,
+        cache_dir=cache)
+    if topic is None:  # not the main process
+        return None
+    out["topic"] = dict(zip(ids, topic))
     return out
 
 
@@ -143,9 +152,12 @@ def knn(vectors, data):
                       np.stack([vectors[a] for a in test_a]), [topic[a] for a in test_a], k=20)
 
 
-def evaluate_model(model, tokenizer, data, args, task_for) -> dict:
-    """One system's test results: ``{"news": Run, "qa": Run, "topic": {accuracy, macro_f1}}``."""
-    emb = embed_all(model, tokenizer, data, args, task_for)
+def evaluate_model(model, tokenizer, data, args, task_for, cache=None) -> dict | None:
+    """One system's test results: ``{"news": Run, "qa": Run, "topic": {accuracy, macro_f1}}`` on the
+    main process, ``None`` on the others (call it on every process: they share the encoding)."""
+    emb = embed_all(model, tokenizer, data, args, task_for, cache)
+    if emb is None:
+        return None
     out = {}
     for name in ("news", "qa"):
         doc_ids, docs, query_ids, queries = emb[name]
@@ -188,17 +200,22 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     state = process_state()
     started = time.time()
+    out_dir = Path(args.output_dir)
+    try:
+        resume_from = start_run(args, out_dir, [out_dir / "checkpoints"], state)
+    except RunMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cache = cache_dir(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
-    data = build_data(args)
-    out_dir = Path(args.output_dir)
+    data = build_data(args, cache)
     if state.is_main_process:
         log.info("data: %d BBC articles (%s), %d ChatterBot questions / %d answers; train examples: news %d, "
                  "qa %d, topic %d", len(data["articles"]), ", ".join(data["topics"]), len(data["chat"].queries),
                  len(data["chat"].docs), len(data["news_train"]), len(data["qa_train"]), len(data["topic_train"]))
-        log.info("encoding the test split with the frozen model")
-        frozen = evaluate_model(model, tokenizer, data, args, task_for=lambda name: None)
-    state.wait_for_everyone()
+        log.info("encoding the test split with the frozen model (cached in %s)", cache)
+    frozen = evaluate_model(model, tokenizer, data, args, task_for=lambda name: None, cache=cache)
 
     options = method_options(args)
     multi = args.tasks_mode == "multi"
@@ -214,13 +231,14 @@ def main(argv=None):
              Task("qa", data["qa_train"], retrieval, DPRLoss(), batch_size=args.batch_size, drop_last=True)]
     train_started = time.time()
     history = Trainer(tuned, tasks, epochs=args.epochs, lr=args.lr, seed=args.seed, output_dir=out_dir,
-                      checkpoint_every=50).fit()
+                      checkpoint_every=args.checkpoint_every).fit(resume_from=resume_from)
     train_seconds = time.time() - train_started
 
     if state.is_main_process:
         log.info("encoding the test split with the tuned model")
+    tuned_eval = evaluate_model(tuned, tokenizer, data, args, task_for=lambda name: name if multi else None)
+    if state.is_main_process:
         label = f"{args.method} ({args.tasks_mode})"
-        tuned_eval = evaluate_model(tuned, tokenizer, data, args, task_for=lambda name: name if multi else None)
         results, sections = score(data, {"frozen": frozen, label: tuned_eval})
         petune.save(tuned, out_dir / "tuned")
         report = tuned.trainable_report()
@@ -243,7 +261,8 @@ def main(argv=None):
         write_report(out_dir, markdown, summary)
         print(markdown)
     state.wait_for_everyone()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -36,12 +36,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from common import DEFAULT_LR, add_method_args, load_model, method_options, write_report  # noqa: E402
+from common import (DEFAULT_LR, RunMismatch, add_method_args, add_run_args, cache_dir, load_model,  # noqa: E402
+                    method_options, start_run, write_report)
 from petune.data import viquae  # noqa: E402
-from petune.embed import encode  # noqa: E402
+from petune.embed import encode_sharded  # noqa: E402
 from petune.score import BM25, DenseIndex, compare, report_markdown  # noqa: E402
 from petune.train import DPRLoss, RetrievalCollator, Task, Trainer  # noqa: E402
-from petune.train.dist import process_state  # noqa: E402
+from petune.dist import process_state  # noqa: E402
+
+STAGES = ("first_stage", "viquae")
 
 log = logging.getLogger("viquae")
 METRICS = ["mrr@100", "precision@1", "precision@20", "hit_rate@20"]
@@ -69,6 +72,7 @@ def parse_args(argv=None):
     parser.add_argument("--compare-frozen", action="store_true", help="also score the frozen model (encodes "
                         "the passages twice)")
     parser.add_argument("--output-dir", default="runs/viquae")
+    add_run_args(parser, checkpoint_every=200)
     args = parser.parse_args(argv)
     args.lr = args.lr or DEFAULT_LR[args.method]
     return args
@@ -89,11 +93,16 @@ def training_examples(split, qrels, negatives, passages):
     return examples, skipped
 
 
-def dense_run(model, tokenizer, passage_texts, split, qids, args):
-    vecs = encode(model, tokenizer, passage_texts, max_length=args.passage_length)
-    index = DenseIndex(vecs, [str(i) for i in range(len(passage_texts))], factory=args.index_factory)
+def dense_run(model, tokenizer, passage_texts, split, qids, args, cache=None):
+    """The test run of a dense model: every process encodes its share of the passages and
+    questions; the main process indexes, searches and gets the ``ranx.Run`` (the others ``None``)."""
+    vecs = encode_sharded(model, tokenizer, passage_texts, max_length=args.passage_length, cache_dir=cache)
     questions = dict(zip(viquae.question_ids(split), split["input"]))
-    q = encode(model, tokenizer, [questions[i] for i in qids], max_length=args.question_length)
+    q = encode_sharded(model, tokenizer, [questions[i] for i in qids], max_length=args.question_length,
+                       cache_dir=cache)
+    if vecs is None:
+        return None
+    index = DenseIndex(vecs, [str(i) for i in range(len(passage_texts))], factory=args.index_factory)
     return index.search(q, qids, k=min(100, len(passage_texts)))
 
 
@@ -102,6 +111,13 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     state = process_state()
     started = time.time()
+    out_dir = Path(args.output_dir)
+    try:
+        resume_from = start_run(args, out_dir, [out_dir / s / "checkpoints" for s in STAGES], state)
+    except RunMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cache = cache_dir(args)
     try:
         dataset = viquae.load("dataset", args.dataset_path)
         kb = viquae.load("kb", args.kb_path)
@@ -122,7 +138,7 @@ def main(argv=None):
         log.info("%s: %d questions with relevant passages, %d without (dropped)", split, len(qrels[split]),
                  len(dropped[split]))
     passage_texts = passages["passage"]
-    bm25 = BM25({str(i): t for i, t in enumerate(passage_texts)}, k1=args.bm25_k1, b=args.bm25_b)
+    bm25 = BM25({str(i): t for i, t in enumerate(passage_texts)}, k1=args.bm25_k1, b=args.bm25_b, cache_dir=cache)
 
     def mine(split, split_qrels):
         questions = {q: t for q, t in zip(viquae.question_ids(split), split["input"]) if q in split_qrels}
@@ -133,15 +149,14 @@ def main(argv=None):
     model, tokenizer = load_model(args.model)
     test_ids = list(qrels["test"])
     frozen_run = None
-    if args.compare_frozen and state.is_main_process:
-        frozen_run = dense_run(model, tokenizer, passage_texts, dataset["test"], test_ids, args)
+    if args.compare_frozen:
+        frozen_run = dense_run(model, tokenizer, passage_texts, dataset["test"], test_ids, args, cache)
 
     tuned = petune.attach(model, args.method, **method_options(args))
     if state.is_main_process:
         print(tuned.trainable_report())
     collate = RetrievalCollator(tokenizer, query_max_length=args.question_length,
                                 passage_max_length=args.passage_length)
-    out_dir = Path(args.output_dir)
     stages = []
     if first_stage is not None:
         fs_qrels, fs_dropped = viquae.relevant_passages(first_stage["train"], kb, passages, links)
@@ -157,16 +172,18 @@ def main(argv=None):
         task = Task(name, examples, collate, DPRLoss(), batch_size=min(args.batch_size, len(examples)),
                     drop_last=True)
         histories[name] = Trainer(tuned, [task], epochs=epochs, lr=args.lr, seed=args.seed,
-                                  output_dir=out_dir / name, checkpoint_every=200).fit()
+                                  output_dir=out_dir / name, checkpoint_every=args.checkpoint_every
+                                  ).fit(resume_from=resume_from)
 
+    test = dataset["test"]
+    label = f"{args.method}"
+    tuned_run = dense_run(tuned, tokenizer, passage_texts, test, test_ids, args)
     if state.is_main_process:
-        test = dataset["test"]
         questions = dict(zip(viquae.question_ids(test), test["input"]))
         runs = {"BM25": bm25.search({q: questions[q] for q in test_ids}, k=min(100, len(passage_texts)))}
         if frozen_run is not None:
             runs["frozen"] = frozen_run
-        label = f"{args.method}"
-        runs[label] = dense_run(tuned, tokenizer, passage_texts, test, test_ids, args)
+        runs[label] = tuned_run
         report = compare(qrels["test"], runs, metrics=METRICS)
         petune.save(tuned, out_dir / "tuned")
         summary = {

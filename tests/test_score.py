@@ -1,8 +1,15 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from petune.score import (BM25, DenseIndex, compare, evaluate, knn_predict, knn_scores, make_qrels, make_run,
                           report_latex, report_markdown)
+from petune.score.significance import fisher_randomization_test
 
 
 def rand(n, d, seed):
@@ -95,6 +102,56 @@ def test_compare_fisher_report():
     md = report_markdown(report)
     assert "| a | good | 1.000ᵇ |" in md and "Fisher" in md
     assert "\\begin{table" in report_latex(report)
+
+
+def near_threshold_runs(n=200, better=8, worse=3):
+    """Two runs whose MRR@10 difference has a Fisher p-value near 0.01 (about 0.012): the
+    relevant document at rank 2 in run a; in run b at rank 1 for ``better`` queries and at rank 3
+    for ``worse``."""
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(n)}
+    runs = {"a": {}, "b": {}}
+    for i in range(n):
+        others = [f"d{j}" for j in range(n) if j != i][:9]
+        rank_b = 1 if i < better else 3 if i < better + worse else 2
+        for name, rank in (("a", 2), ("b", rank_b)):
+            order = others[:rank - 1] + [f"d{i}"] + others[rank - 1:]
+            runs[name][f"q{i}"] = {d: float(10 - k) for k, d in enumerate(order)}
+    return qrels, {name: make_run(run) for name, run in runs.items()}
+
+
+def test_fisher_is_ranx_test_with_seeded_permutations():
+    """The seam: same statistic and scheme as ranx's test (p agrees within sampling error at
+    20,000 permutations), but the same seed always gives the same p-value."""
+    from ranx import evaluate as ranx_evaluate
+    from ranx.statistical_tests import fisher_randomization_test as ranx_fisher
+
+    qrels, runs = near_threshold_runs()
+    a, b = (ranx_evaluate(make_qrels(qrels), runs[n], "mrr@10", return_mean=False) for n in ("a", "b"))
+    ours = fisher_randomization_test(a, b, n_permutations=20000, random_seed=3)
+    theirs, _ = ranx_fisher(a, b, 20000, 0.01, 3)
+    assert 0.005 < ours < 0.02 and abs(ours - theirs) < 0.005
+    assert fisher_randomization_test(a, b, 20000, random_seed=3) == ours
+    assert fisher_randomization_test(a, a, 500) == 1.0  # identical systems: every permutation ties
+    with pytest.raises(ValueError, match="same length"):
+        fisher_randomization_test(a, b[:-1])
+
+
+def test_compare_p_values_identical_across_processes():
+    """compare() in separate processes, with different numba thread counts, on runs whose p-value
+    is near 0.01: identical p-values and marks (ranx's own Fisher test varies here)."""
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from test_score import near_threshold_runs; "
+            "from petune.score import compare, report_markdown; qrels, runs = near_threshold_runs(); "
+            "r = compare(qrels, runs, metrics=['mrr@10', 'precision@1']); "
+            "print(json.dumps([r.comparisons['a', 'b'][m]['p_value'] for m in r.metrics] + [report_markdown(r)]))")
+    outputs = []
+    for threads in ("1", "2"):
+        env = {**os.environ, "NUMBA_NUM_THREADS": threads}
+        done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert outputs[0] == outputs[1]
+    assert 0.005 < outputs[0][0] < 0.02  # near the threshold, where a flip would show
 
 
 def test_knn_exact_labels_both_votes():

@@ -89,6 +89,14 @@ def test_two_processes_agree(tmp_path):
     assert r0["dpr_local_grad_nonzero"] and r1["dpr_local_grad_nonzero"]
     assert r0["steps"] == r1["steps"] == 4  # 16 examples / batch 2 / 2 processes
     assert r0["param_checksum"] == r1["param_checksum"]
+    assert r0["gather_after_fit"] == [0.0, 1.0]  # the process group is still usable after fit()
+    for n in ("7", "1"):  # encode_sharded == single-process encode, in input order, padding cut
+        main, worker = r0["sharded"][n], r1["sharded"][n]
+        assert main["main_rows"] == int(n) and main["main_max_diff"] < 1e-5 and not main["main_is_none"]
+        assert worker["main_is_none"]
+        assert main["all_rows"] == worker["all_rows"] == int(n)
+        assert main["all_max_diff"] < 1e-5 and worker["all_max_diff"] < 1e-5
+    assert r0["cache_files"] == 1 and r0["cached_equal"] and r1["cached_equal"]
 
 
 # -- the loop ---------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .significance import fisher_randomization_test
+
 #: ranx metric names. ``hit_rate@20`` is "Hit@20" (any relevant in the top 20); ranx's ``hits``
 #: counts relevant documents instead.
 DEFAULT_METRICS = ["mrr@10", "mrr@100", "precision@1", "precision@20", "hit_rate@20", "recall@10", "ndcg@10"]
@@ -204,16 +206,31 @@ def evaluate(qrels, run, metrics=DEFAULT_METRICS, strict: bool = False) -> dict[
 
 def compare(qrels, runs, metrics=DEFAULT_METRICS, max_p: float = 0.01, stat_test: str = "fisher",
             n_permutations: int = 1000, random_seed: int = 42, strict: bool = False):
-    """Evaluate several runs and test every pair: ``ranx.compare`` with **Fisher's randomization
-    test, p ≤ 0.01** by default (ranx's own default is Student's t).
+    """Evaluate several runs and test every pair, **Fisher's randomization test, p ≤ 0.01** by
+    default (ranx's own default is Student's t).
+
+    Metrics, per-query scores and the report are ranx's. The Fisher test is petune's
+    :func:`petune.score.significance.fisher_randomization_test` — ranx's test (same statistic,
+    permutation scheme and ``n_permutations``) drawn from one seeded numpy generator — because
+    ranx 0.3.21's numba-parallel version leaves its permuting threads unseeded and its p-values
+    (and so the significance marks) change between recomputations. Here the same qrels, runs and
+    ``random_seed`` give the same p-values in every process. ``stat_test="student"`` and
+    ``"tukey"`` are ranx's own.
 
     Args:
         runs: ``{name: ranx.Run}`` or a list of named runs.
+        max_p: significance threshold.
 
     Returns:
-        ``ranx.Report``: ``print()`` it, or use :func:`report_markdown` / :func:`report_latex`.
+        ``ranx.Report``: ``print()`` it, or use :func:`report_markdown` / :func:`report_latex`;
+        ``report.comparisons[a, b][metric]`` holds ``{"p_value", "significant"}``.
+
+    Raises:
+        ValueError: fewer than two runs, duplicate run names, or qrels and runs that do not overlap.
     """
     from ranx import compare as ranx_compare
+    from ranx import evaluate as ranx_evaluate
+    from ranx.data_structures import FrozensetDict, Report
 
     qrels = _as_qrels(qrels)
     if isinstance(runs, dict):
@@ -222,9 +239,35 @@ def compare(qrels, runs, metrics=DEFAULT_METRICS, max_p: float = 0.01, stat_test
         runs = list(runs.values())
     if len(runs) < 2:
         raise ValueError("compare needs at least two runs")
+    names = [run.name for run in runs]
+    if None in names or len(set(names)) != len(names):
+        raise ValueError(f"runs need distinct names to be compared, got {names}")
     runs = [_comparable(qrels, run, strict) for run in runs]
-    return ranx_compare(qrels, runs, metrics=list(metrics), stat_test=stat_test, max_p=max_p,
-                        n_permutations=n_permutations, random_seed=random_seed)
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    if stat_test != "fisher":
+        return ranx_compare(qrels, runs, metrics=metrics, stat_test=stat_test, max_p=max_p,
+                            n_permutations=n_permutations, random_seed=random_seed)
+
+    scores = {}
+    for run in runs:
+        per_query = ranx_evaluate(qrels, run, metrics, return_mean=False)
+        scores[run.name] = {metrics[0]: per_query} if len(metrics) == 1 else per_query
+    comparisons, win_tie_loss = FrozensetDict(), {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            comparisons[frozenset([a, b])] = {}
+            for m in metrics:
+                p = fisher_randomization_test(scores[a][m], scores[b][m], n_permutations, random_seed)
+                comparisons[frozenset([a, b])][m] = {"p_value": p, "significant": p <= max_p}
+    for a in names:
+        for b in names:
+            if a != b:
+                win_tie_loss[(a, b)] = {m: {"W": int((scores[a][m] > scores[b][m]).sum()),
+                                            "T": int((scores[a][m] == scores[b][m]).sum()),
+                                            "L": int((scores[a][m] < scores[b][m]).sum())} for m in metrics}
+    results = {n: {m: float(np.mean(scores[n][m])) for m in metrics} for n in names}
+    return Report(model_names=names, results=results, comparisons=comparisons, metrics=metrics, max_p=max_p,
+                  win_tie_loss=win_tie_loss, stat_test="fisher")
 
 
 def report_markdown(report) -> str:

@@ -18,7 +18,7 @@ from ..io import load as load_tuned
 from ..io import replace_dir
 from ..io import save as save_tuned
 from ..tuned import TunedModel
-from .dist import cpu_only, process_state
+from ..dist import cpu_only, process_state
 from .roundrobin import MultiTaskLoader
 from .tasks import Task
 
@@ -35,7 +35,9 @@ class Trainer:
     is not wrapped in DDP: losses may call the encoder directly (pooling, prompt-aware states),
     which DDP would not see; instead the tuned parameters' gradients are averaged across
     processes with one ``accelerator.reduce`` per optimizer step. All processes run the same task
-    at each step, so a task's module gets gradient exactly from its own batches.
+    at each step, so a task's module gets gradient exactly from its own batches. :meth:`fit` leaves
+    the process group as it found it (it does not call Accelerate's ``end_training()``, which
+    destroys it), so a script can go on to sharded evaluation and barriers after training.
 
     Args:
         model: the tuned model (all tasks' modules are optimised together).
@@ -291,7 +293,8 @@ class Trainer:
                 f"step-{self.state['global_step']:08d}":
             self.save_checkpoint()
         self.model.eval()
-        acc.end_training()
+        for tracker in acc.trackers:  # not acc.end_training(): it destroys the process group the caller may need
+            tracker.finish()
         self.history["skipped_steps"] = self.state["skipped_steps"]
         return self.history
 

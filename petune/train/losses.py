@@ -27,7 +27,7 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     from accelerate.utils import gather
 
-    from .dist import process_state
+    from ..dist import process_state
 
     state = process_state()
     if state.num_processes == 1:

@@ -2,13 +2,16 @@
 
 Checks: the task order is the same on every process; the gathered DPR and InfoNCE losses,
 averaged over processes, equal the single-process losses on the same global batch; a Trainer run
-leaves identical tuned parameters on every process.
+leaves identical tuned parameters on every process and the process group usable afterwards;
+encode_sharded gives the single-process embeddings in input order (counts not divisible by the
+number of processes included), on the main process or on all, and through its cache.
 """
 
 import json
 import os
 import sys
 
+import numpy as np
 import torch
 from accelerate.utils import gather
 
@@ -16,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import petune  # noqa: E402
 from conftest import tiny  # noqa: E402
-from petune.train.dist import process_state  # noqa: E402
+from petune.dist import process_state  # noqa: E402
 from petune.train import (DPRLoss, RetrievalCollator, Task, Trainer, dpr_loss, info_nce,  # noqa: E402
                           task_order)
 from test_embed import CharTokenizer as Tok  # noqa: E402
@@ -53,6 +56,25 @@ def main():
                       lr=1e-2, progress=False, log_with=None).fit()
     out["steps"] = len(history["loss"])
     out["param_checksum"] = float(sum(p.detach().double().sum() for p in tuned.tuned_parameters().values()))
+    state.wait_for_everyone()  # the process group survives Trainer.fit (accelerate's end_training destroys it)
+    out["gather_after_fit"] = gather(torch.tensor([float(rank)])).tolist()
+
+    # sharded encoding: every process encodes its block; compare with this process's own full encode
+    texts = [f"text number {i} " + "x" * (i % 5) for i in range(7)]  # 7 rows on 2 processes: padded
+    full = petune.encode(tuned, Tok(), texts)
+    out["sharded"] = {}
+    for n in (7, 1):
+        main = petune.encode_sharded(tuned, Tok(), texts[:n])
+        everywhere = petune.encode_sharded(tuned, Tok(), texts[:n], gather_to="all")
+        out["sharded"][n] = {"main_is_none": main is None,
+                             "main_max_diff": None if main is None else float(np.abs(main - full[:n]).max()),
+                             "main_rows": None if main is None else len(main),
+                             "all_max_diff": float(np.abs(everywhere - full[:n]).max()), "all_rows": len(everywhere)}
+    cache = os.path.join(os.environ["CHECK_OUT"], "cache")
+    first = petune.encode_sharded(tuned, Tok(), texts, cache_dir=cache, gather_to="all")
+    second = petune.encode_sharded(tuned, Tok(), texts, cache_dir=cache, gather_to="all")
+    out["cache_files"] = len(os.listdir(cache)) if rank == 0 else None
+    out["cached_equal"] = bool(np.array_equal(first, second)) and float(np.abs(first - full).max()) < 1e-5
     with open(os.path.join(os.environ["CHECK_OUT"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
 
