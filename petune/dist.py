@@ -26,18 +26,41 @@ def process_state():
     return PartialState(cpu=cpu_only() and multi)
 
 
-def shard_indices(n: int, num_processes: int, process_index: int) -> list[int]:
-    """The rows of ``n`` that process ``process_index`` handles: a contiguous block of
-    ``ceil(n / num_processes)``, the last blocks padded by repeating row ``n - 1`` so that every
-    process has the same count (collectives need equal shapes; the padding is cut after gathering)."""
-    per = -(-n // num_processes)
-    return [min(i, n - 1) for i in range(process_index * per, (process_index + 1) * per)]
+def shard_indices(lengths, num_processes: int, process_index: int) -> tuple[list[int], int]:
+    """The rows a process handles, balanced by length: rows sorted longest first are dealt like
+    cards (row ``k`` of that order to process ``k mod num_processes``), so every process gets about
+    the same amount of work whatever the input order. Each list is padded to
+    ``ceil(n / num_processes)`` rows by repeating its last row (collectives need equal shapes).
+
+    Args:
+        lengths: one cost per row (e.g. characters per text), ``n`` rows.
+
+    Returns:
+        ``(rows, real)``: the row indices to process (padded) and how many of them are real.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    mine = order[process_index::num_processes]
+    per = -(-len(order) // num_processes)
+    real = len(mine)
+    return mine + [mine[-1] if mine else order[-1]] * (per - real), real
+
+
+def unshard(gathered: np.ndarray, lengths, num_processes: int) -> np.ndarray:
+    """Put the rows of :func:`gather_rows` (every process's padded block, in rank order) back in
+    input order, dropping the padding."""
+    per = gathered.shape[0] // num_processes
+    out = np.empty((len(lengths),) + gathered.shape[1:], dtype=gathered.dtype)
+    for rank in range(num_processes):
+        rows, real = shard_indices(lengths, num_processes, rank)
+        out[rows[:real]] = gathered[rank * per:rank * per + real]
+    return out
 
 
 def gather_rows(local: np.ndarray, to_all: bool = False, chunk_rows: int = 16384) -> np.ndarray | None:
     """Concatenate every process's ``[rows, d]`` block in rank order.
 
-    Every process must pass the same shape (see :func:`shard_indices`). Blocks travel in chunks of
+    Every process must pass the same shape (see :func:`shard_indices`; :func:`unshard` restores
+    the input order). Blocks travel in chunks of
     ``chunk_rows`` rows, so a collective never holds more than ``world · chunk_rows · d`` values.
 
     Returns:

@@ -210,10 +210,11 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
                    progress: bool | None = None, **options) -> np.ndarray | None:
     """:func:`encode` split across the processes of an ``accelerate launch`` / ``torchrun`` run.
 
-    Every process must call it with the same texts. Process ``r`` encodes the ``r``-th contiguous
-    block of ``ceil(n / processes)`` texts (the last blocks padded by repeating the last text, so
-    that the collectives see equal shapes); the blocks are gathered in input order and the padding
-    is cut. With one process it is :func:`encode`.
+    Every process must call it with the same texts. The texts are dealt to the processes in order
+    of length (longest first, like cards), so each gets about the same work whatever the input
+    order; each process encodes ``ceil(n / processes)`` texts (padded by repeating one of its own,
+    so that the collectives see equal shapes); the blocks are gathered, put back in input order and
+    the padding is cut. With one process it is :func:`encode`.
 
     Args:
         gather_to: ``"main"`` — the embeddings arrive on the main process only (others get
@@ -232,7 +233,7 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
     """
     from accelerate.utils import broadcast_object_list
 
-    from .dist import gather_rows, process_state, shard_indices
+    from .dist import gather_rows, process_state, shard_indices, unshard
 
     if gather_to not in ("main", "all"):
         raise ValueError(f"gather_to must be 'main' or 'all', got {gather_to!r}")
@@ -255,13 +256,14 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
             if gather_to == "all":
                 cached = broadcast_object_list([cached])[0]
             return cached
-    rows = shard_indices(len(texts), state.num_processes, state.process_index)
+    lengths = [len(t) for t in texts]  # characters: a cheap proxy of each text's encoding cost
+    rows, _ = shard_indices(lengths, state.num_processes, state.process_index)
     local = encode(model, tokenizer, [texts[i] for i in rows],
                    progress=progress if state.is_main_process else False, **options)
-    out = gather_rows(local, to_all=gather_to == "all")
-    if out is None:
+    gathered = gather_rows(local, to_all=gather_to == "all")
+    if gathered is None:
         return None
-    out = out[:len(texts)]
+    out = unshard(gathered, lengths, state.num_processes)
     if cache_dir is not None and state.is_main_process:
         Cache(cache_dir).save_array("embeddings", key, out)
     return out

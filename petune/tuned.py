@@ -195,7 +195,8 @@ def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = N
     """Attach a registered tuning method to a Hugging Face encoder-decoder and freeze the rest.
 
     Args:
-        model: any ``transformers`` encoder-decoder: T5, mT5, BART, mBART, Pegasus, Marian,
+        model: any ``transformers`` encoder-decoder — every ``AutoModelForSeq2SeqLM`` architecture
+            (T5, mT5, BART, Pegasus, Marian, M2M100, LED, ...; the README's support matrix) and
             ``EncoderDecoderModel``; the ``*ForConditionalGeneration`` class or the bare model.
             It is modified in place (layers injected, base parameters frozen).
         method: a name from :func:`petune.methods` (``"prompt"``, ``"adapter"``, ``"ia3"``, ``"lora"``

@@ -209,7 +209,8 @@ def main(argv=None):
     cache = cache_dir(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
-    data = build_data(args, cache)
+    with state.main_process_first():  # BM25 runs: computed and cached once, read by the other processes
+        data = build_data(args, cache)
     if state.is_main_process:
         log.info("data: %d BBC articles (%s), %d ChatterBot questions / %d answers; train examples: news %d, "
                  "qa %d, topic %d", len(data["articles"]), ", ".join(data["topics"]), len(data["chat"].queries),

@@ -143,7 +143,10 @@ def main(argv=None):
     def mine(split, split_qrels):
         questions = {q: t for q, t in zip(viquae.question_ids(split), split["input"]) if q in split_qrels}
         k = min(args.hard_negatives_k, len(passage_texts))
-        return bm25.hard_negatives(questions, split_qrels, k=k)
+        # the main process searches (building the index) and caches the run; the others then read
+        # it from the cache instead of each building an index over the whole knowledge base
+        with state.main_process_first():
+            return bm25.hard_negatives(questions, split_qrels, k=k)
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)

@@ -38,7 +38,59 @@ BUILDERS = {
     "marian": lambda: T.MarianMTModel(T.MarianConfig(**_SEQ)),
     "bert2bert": _bert2bert,
 }
-ADAPTER_ARCHS = ["t5", "t5-bare", "mt5", "bart", "bart-bare", "mbart", "bert2bert"]
+
+_MOE = dict(num_experts=4, expert_capacity=8)
+
+
+def _seq2seq(config_class, **extra):
+    return lambda: T.AutoModelForSeq2SeqLM.from_config(config_class(**{**_SEQ, **extra}))
+
+
+#: one tiny random model of every AutoModelForSeq2SeqLM architecture transformers 4.57 builds
+#: without downloads (the support matrix in the README is generated from this list)
+SEQ2SEQ = {
+    "t5": BUILDERS["t5"],
+    "mt5": BUILDERS["mt5"],
+    "umt5": lambda: T.UMT5ForConditionalGeneration(T.UMT5Config(**_T5)),
+    "longt5": lambda: T.LongT5ForConditionalGeneration(T.LongT5Config(**_T5, local_radius=4, global_block_size=4)),
+    "switch_transformers": lambda: T.SwitchTransformersForConditionalGeneration(T.SwitchTransformersConfig(
+        **_T5, **_MOE, encoder_sparse_step=2, decoder_sparse_step=2)),
+    "bart": BUILDERS["bart"],
+    "mbart": BUILDERS["mbart"],
+    "plbart": _seq2seq(T.PLBartConfig),
+    "pegasus": BUILDERS["pegasus"],
+    "pegasus_x": lambda: T.PegasusXForConditionalGeneration(T.PegasusXConfig(
+        **{k: v for k, v in _SEQ.items() if k not in ("encoder_attention_heads", "decoder_attention_heads")},
+        encoder_attention_heads=4, decoder_attention_heads=4, block_size=4, num_global_tokens=2)),
+    "marian": BUILDERS["marian"],
+    "blenderbot": _seq2seq(T.BlenderbotConfig),
+    "blenderbot-small": _seq2seq(T.BlenderbotSmallConfig),
+    "m2m_100": _seq2seq(T.M2M100Config),
+    "nllb-moe": _seq2seq(T.NllbMoeConfig, **_MOE, encoder_sparse_step=2, decoder_sparse_step=2),
+    "led": lambda: T.LEDForConditionalGeneration(T.LEDConfig(
+        **{k: v for k, v in _SEQ.items() if k != "max_position_embeddings"}, attention_window=4,
+        max_encoder_position_embeddings=64, max_decoder_position_embeddings=64)),
+    "bigbird_pegasus": _seq2seq(T.BigBirdPegasusConfig, attention_type="original_full"),
+    "prophetnet": lambda: T.ProphetNetForConditionalGeneration(T.ProphetNetConfig(
+        vocab_size=120, hidden_size=32, encoder_ffn_dim=64, decoder_ffn_dim=64, num_encoder_layers=2,
+        num_decoder_layers=2, num_encoder_attention_heads=4, num_decoder_attention_heads=4,
+        max_position_embeddings=64, ngram=2, pad_token_id=0, eos_token_id=2, decoder_start_token_id=2)),
+    "xlm-prophetnet": lambda: T.XLMProphetNetForConditionalGeneration(T.XLMProphetNetConfig(
+        vocab_size=120, hidden_size=32, encoder_ffn_dim=64, decoder_ffn_dim=64, num_encoder_layers=2,
+        num_decoder_layers=2, num_encoder_attention_heads=4, num_decoder_attention_heads=4,
+        max_position_embeddings=64, ngram=2, pad_token_id=0, eos_token_id=2, decoder_start_token_id=2)),
+    "fsmt": lambda: T.FSMTForConditionalGeneration(T.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=120, tgt_vocab_size=120, d_model=32, encoder_layers=2,
+        decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2)),
+    "encoder-decoder": BUILDERS["bert2bert"],
+}
+
+
+def tiny_seq2seq(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return SEQ2SEQ[name]().eval()
 
 
 def tiny(name: str, seed: int = 0):

@@ -3,7 +3,7 @@ import torch
 import transformers as T
 
 import petune
-from conftest import ADAPTER_ARCHS, BUILDERS, batch, first_output, forward_batch, probe_loss, tiny
+from conftest import BUILDERS, batch, first_output, forward_batch, probe_loss, tiny
 
 METHODS = {
     "adapter": dict(reduction_factor=4),
@@ -18,11 +18,7 @@ def method_args(key):
     return key.split("-")[0], METHODS[key]
 
 
-def archs_for(method_key):
-    return ADAPTER_ARCHS if method_key.startswith("adapter") else list(BUILDERS)
-
-
-CASES = [(m, a) for m in METHODS for a in archs_for(m)]
+CASES = [(m, a) for m in METHODS for a in BUILDERS]
 
 
 def t5_base():
@@ -236,21 +232,25 @@ def test_bad_options(method, options, match):
         petune.attach(tiny("t5"), method, **options)
 
 
-def test_adapter_on_unsupported_architecture():
-    with pytest.raises(ValueError, match="Use 'lora', 'ia3' or 'prompt'"):
-        petune.attach(tiny("pegasus"), "adapter", d=8)
+def test_adapter_implementation_per_architecture():
+    """The adapters library where it supports the architecture, petune's bottleneck elsewhere."""
+    assert petune.attach(tiny("t5"), "adapter", d=8).method.library == "adapters"
+    tuned = petune.attach(tiny("pegasus"), "adapter", d=8)
+    assert tuned.method.library == "petune"
+    assert all(".petune_bottlenecks.default." in "." + n for n in tuned.tuned_parameters())
 
 
-def test_unknown_architecture_needs_target_modules():
+def test_architecture_outside_peft_tables_gets_structural_targets():
     torch.manual_seed(0)
     led = T.LEDForConditionalGeneration(T.LEDConfig(vocab_size=60, d_model=16, encoder_layers=1, decoder_layers=1,
                                                     encoder_attention_heads=2, decoder_attention_heads=2,
                                                     encoder_ffn_dim=32, decoder_ffn_dim=32, attention_window=4,
                                                     max_encoder_position_embeddings=32,
                                                     max_decoder_position_embeddings=32))
-    with pytest.raises(ValueError, match="target_modules=\\["):
-        petune.attach(led, "lora")
-    assert petune.attach(led, "lora", target_modules=["q_proj", "v_proj"]).trainable_report().trainable > 0
+    tuned = petune.attach(led, "lora")  # peft has no LED table: found by structure
+    assert tuned.method.options["target_modules"] == ["query", "q_proj", "value", "v_proj"]
+    led2 = T.LEDForConditionalGeneration(led.config)
+    assert petune.attach(led2, "lora", target_modules=["q_proj", "v_proj"]).trainable_report().trainable > 0
 
 
 def test_task_errors():

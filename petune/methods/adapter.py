@@ -1,13 +1,17 @@
-"""Bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2021), from the ``adapters`` library."""
+"""Bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2021), from the ``adapters`` library
+where it supports the architecture, else petune's own bottleneck (:mod:`petune.methods.bottleneck`)."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 
-from ..models import ADAPTERS_SUPPORTED, d_model, model_type
+from torch import nn
+
+from ..models import ADAPTERS_SUPPORTED, d_model, find_layout, model_type
 from ..registry import register_method
 from .base import Method, module_after
+from .bottleneck import CONTAINER, BottleneckHooks
 
 PLACEMENTS = {"pfeiffer": "SeqBnConfig", "houlsby": "DoubleSeqBnConfig"}
 
@@ -21,6 +25,14 @@ class BottleneckAdapter(Method):
     one after the feed-forward block (for BERT2BERT the adapters library also adds one after the
     decoder's cross-attention, since BERT shares the output class). Encoder and decoder layers
     both get adapters.
+
+    Architectures: the ``adapters`` library's implementation (its parameter names and files) for
+    T5, mT5, BART, mBART, PLBart and ``EncoderDecoderModel``; on every other encoder-decoder
+    (Pegasus, Marian, LongT5, UMT5, SwitchTransformers, Blenderbot, M2M100, NLLB-MoE, LED, ...)
+    petune inserts the same bottleneck with forward hooks after the output projection of each
+    layer's feed-forward block (after the expert block in mixture-of-experts layers) and, for
+    Houlsby, of its self-attention — found by structure (:func:`petune.models.find_layout`;
+    ``petune.models.describe(model)`` prints where). Same sizes, same parameter count.
 
     Size, exactly one of:
         d: bottleneck width; must divide the model's ``d_model`` (the adapters library sizes
@@ -36,8 +48,8 @@ class BottleneckAdapter(Method):
 
     Raises:
         ValueError: both or neither of ``d`` / ``reduction_factor``; a non-positive size; ``d`` that
-            does not divide ``d_model``; an unknown placement; an architecture the adapters library
-            does not support (Pegasus, Marian: use ``"lora"``, ``"ia3"`` or ``"prompt"``).
+            does not divide ``d_model``; an unknown placement; an architecture whose layers cannot
+            be found by structure (the message lists the linear modules present).
     """
 
     library = "adapters"
@@ -59,12 +71,6 @@ class BottleneckAdapter(Method):
                          placement=placement, non_linearity=non_linearity)
 
     def validate(self, model):
-        mt = model_type(model)
-        if mt not in ADAPTERS_SUPPORTED:
-            raise ValueError(
-                f"the adapters library has no bottleneck adapters for model_type={mt!r} "
-                f"(supported: {', '.join(ADAPTERS_SUPPORTED)}). Use 'lora', 'ia3' or 'prompt' on this model."
-            )
         width = d_model(model)
         d, rf = self.options["d"], self.options["reduction_factor"]
         if d is not None:
@@ -84,8 +90,31 @@ class BottleneckAdapter(Method):
                 raise ValueError(f"reduction_factor={rf} leaves no bottleneck on d_model={width}")
             self.rf = rf
         self.width = int(width // self.rf)
+        self.library = "adapters" if model_type(model) in ADAPTERS_SUPPORTED else "petune"
+        if self.library == "petune":
+            self.places = self._places(model)
+
+    def _places(self, model) -> dict[str, int]:
+        """``{module path: output width}`` after which a bottleneck goes, found by structure."""
+        layout = find_layout(model)
+        places = {}
+        for layer in layout.layers:
+            if layer.ffn_block is None:
+                raise ValueError(f"no feed-forward block found in {layer.path}; bottleneck adapters need one")
+            if self.options["placement"] == "houlsby":
+                places.update({out: layout.d_model for out in layer.self_out})
+            places[layer.ffn_block] = layout.d_model
+        for path in places:
+            module = model.get_submodule(path)
+            if isinstance(module, nn.Linear):
+                places[path] = module.out_features
+        return places
 
     def attach(self, model, modules):
+        self._modules = set(modules)
+        if self.library == "petune":
+            self.hooks = BottleneckHooks(model, self.places, modules, self.width, self.options["non_linearity"])
+            return model
         import adapters
 
         config_cls = getattr(adapters, PLACEMENTS[self.options["placement"]])
@@ -102,11 +131,13 @@ class BottleneckAdapter(Method):
         finally:
             log.setLevel(level)
         model.train(was_training)
-        self._modules = set(modules)
         return model
 
     def module_of(self, param_name):
-        return module_after(param_name, ("adapters",), self._modules)
+        return module_after(param_name, (CONTAINER,) if self.library == "petune" else ("adapters",), self._modules)
 
     def activate(self, model, module):
-        model.set_active_adapters(module)
+        if self.library == "petune":
+            self.hooks.active = module
+        else:
+            model.set_active_adapters(module)

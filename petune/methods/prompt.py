@@ -76,6 +76,7 @@ class PromptTuning(PeftMethod):
         prefix = torch.ones(batch, n_virtual, dtype=attention_mask.dtype, device=attention_mask.device)
         mask = torch.cat([prefix, attention_mask], dim=1)
         encoder = self.base_model(model).get_encoder()
-        out = encoder(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=output_hidden_states,
-                      return_dict=True)
+        # input_ids=None explicitly: FSMT's encoder takes it as a required positional argument
+        out = encoder(input_ids=None, inputs_embeds=embeds, attention_mask=mask,
+                      output_hidden_states=output_hidden_states, return_dict=True)
         return out, mask
