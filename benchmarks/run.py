@@ -261,11 +261,12 @@ def overhead_section(out: Path) -> list[str]:
         t = json.loads((out / "sharded_encode.json").read_text())
         lines += ["## Sharded encoding: 1 vs several processes", "",
                   f"`{t['command'].strip()}` ({t['cpu_count']} CPU cores; the offline recipe's whole test collection: "
-                  f"{t['rows'][0]['texts']} BBC articles and ChatterBot answers, max 256 tokens, frozen MiniLM; "
+                  f"{t['rows'][0]['texts']:,} texts, every BBC article and ChatterBot answer, max 256 tokens, "
+                  "frozen MiniLM; "
                   "`petune.encode_sharded` under `torch.distributed.run`; speed-up against the first row; "
                   "1 × 1 vs 2 × 1 is the scaling per device, as with one GPU per process; 1 × 2 vs 2 × 1 "
                   "splits the same cores two ways).", "",
-                  "| processes × threads | seconds | texts/s | speed-up | max abs diff vs 1 process |",
+                  "| processes × threads | seconds | texts/s | speed-up | max abs diff vs the first row |",
                   "|---|---|---|---|---|"]
         lines += [f"| {r['processes']} × {r['threads_per_process']} | {r['best_seconds']:.1f} | "
                   f"{r['texts_per_second']:.1f} | {r['speedup_vs_first']:.2f} | {r['max_abs_diff_vs_first']:.1e} |"

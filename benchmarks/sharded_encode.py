@@ -42,7 +42,7 @@ def child(out: Path, repeats: int, threads: int) -> None:
 
     state = process_state()
     torch.set_num_threads(threads)
-    model, tok = minilm_encoder_decoder(), AutoTokenizer.from_pretrained(minilm_path())
+    model, tok = minilm_encoder_decoder().to(state.device), AutoTokenizer.from_pretrained(minilm_path())
     data = texts()
     seconds = []
     for _ in range(repeats):
