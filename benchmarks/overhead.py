@@ -1,14 +1,22 @@
 """petune's overhead: the same training steps and encode pass through petune and written directly
-against peft / adapters / transformers, in the same process, reported as ratios.
+against peft / adapters / transformers, in the same process, reported as ratios with 95 % intervals.
 
-    python benchmarks/overhead.py [--steps 12] [--repeats 2] [--quick]
+    python benchmarks/overhead.py [--blocks 48] [--steps 6] [--encode-pairs 64] [--threads N] [--quick]
 
 Training: DPR loss (in-batch + one hard negative) on BBC headline → article batches with the
 offline MiniLM BERT2BERT; petune = attach + Trainer (Accelerate, round-robin loader, task
-switching, NaN checks, clipping, scheduler); direct = peft.get_peft_model / adapters.init +
-a hand-written loop with the same optimizer, clipping, scheduler and batches. Encoding: petune.encode
-vs the same length-sorted batches through the model's encoder. Medians over steps, sides
-interleaved. Targets: step ratio ≤ 1.05, encode ratio ≤ 1.10 (petune time / direct time).
+switching, NaN checks, clipping, scheduler); direct = peft.get_peft_model / adapters.init + a
+hand-written loop with the same optimizer, clipping and scheduler. Both sides run the **same
+batches in the same order**: the direct loop replays the example order the Trainer's seeded
+loader used, and collates them itself, so both pay tokenisation. A block is one run of
+``--steps`` + 1 steps per side; its first step (one-off costs) is dropped and the block's ratio is
+petune's median step time over direct's (medians: a step stalled by the machine does not decide
+a block). Blocks alternate which side goes first (ABBA). Encoding: ``petune.encode`` vs the same
+length-sorted batches through the model's encoder, in ABBA pairs of short passes (many short
+pairs give a narrower interval than few long ones on a noisy machine).
+Each ratio is the geometric mean over blocks / pairs with a 95 % percentile-bootstrap interval
+(``benchmarks/stats.py``). torch threads are pinned (``--threads``, default: every core).
+Targets: step ratio ≤ 1.05, encode ratio ≤ 1.10 (petune time / direct time).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from encode_throughput import bare_encode  # noqa: E402
+from stats import abba, ratio_ci, verdict  # noqa: E402
 
 import petune  # noqa: E402
 from petune.data.packaged import bbc_news, minilm_encoder_decoder, minilm_path  # noqa: E402
@@ -37,10 +46,24 @@ from petune.embed import encode, mean_pool  # noqa: E402
 from petune.train import DPRLoss, RetrievalCollator, Task, Trainer  # noqa: E402
 
 
+STEP_TARGET, ENCODE_TARGET = 1.05, 1.10
+
+
 def examples(n):
     articles = bbc_news()[:n + 1]
-    return [{"query": a["headline"], "positive": a["body"][:500], "negatives": [articles[i + 1]["body"][:500]]}
+    return [{"i": i, "query": a["headline"], "positive": a["body"][:500], "negatives": [articles[i + 1]["body"][:500]]}
             for i, a in enumerate(articles[:n])]
+
+
+class Recorded:
+    """A collate that remembers the example order it was given (the Trainer's loader order)."""
+
+    def __init__(self, collate):
+        self.collate, self.batches = collate, []
+
+    def __call__(self, batch):
+        self.batches.append([e["i"] for e in batch])
+        return self.collate(batch)
 
 
 def attach_direct(model, method):
@@ -57,24 +80,20 @@ def attach_direct(model, method):
     return model
 
 
-def direct_steps(method, data, collate, steps, batch_size, lr):
-    """The hand-written loop: what a user would write without petune."""
+def direct_steps(model, data, collate, order, lr):
+    """The hand-written loop a user would write without petune, over the batches ``order`` (lists
+    of example indices): per-step seconds, fetching and collating included."""
     from transformers import get_linear_schedule_with_warmup
 
-    torch.manual_seed(0)
-    model = attach_direct(minilm_encoder_decoder(), method)
     model.train()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     encoder = base.get_encoder()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
-    sched = get_linear_schedule_with_warmup(opt, 0, steps)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=collate, drop_last=True)
-    times = []
-    it = iter(loader)
-    for _ in range(steps):
-        start = time.perf_counter()
-        batch = next(it)
+    sched = get_linear_schedule_with_warmup(opt, 0, len(order))
+    loader = torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate)
+    times, start = [], time.perf_counter()
+    for batch in loader:
         q = mean_pool(encoder(**batch["query"]).last_hidden_state, batch["query"]["attention_mask"])
         p = mean_pool(encoder(**batch["passages"]).last_hidden_state, batch["passages"]["attention_mask"])
         labels = torch.arange(q.shape[0]) * (p.shape[0] // q.shape[0])
@@ -85,66 +104,104 @@ def direct_steps(method, data, collate, steps, batch_size, lr):
         sched.step()
         opt.zero_grad()
         times.append(time.perf_counter() - start)
-    return times, model
+        start = time.perf_counter()
+    return times
 
 
-def petune_steps(method, data, collate, steps, batch_size, lr):
+def petune_steps(tuned, data, collate, steps, batch_size, lr):
+    """One Trainer run of ``steps`` steps: per-step seconds and the example order its loader used
+    (the same in every run: the seed is fixed)."""
+    recorded = Recorded(collate)
+    task = Task("news", data, recorded, DPRLoss(), batch_size=batch_size, drop_last=True)
+    history = Trainer(tuned, [task], epochs=1, lr=lr, warmup_ratio=0.0, max_steps=steps, progress=False,
+                      log_with=None, seed=0).fit()
+    return history["step_seconds"], recorded.batches[:steps]
+
+
+def models(method):
     torch.manual_seed(0)
     options = {"r": 8, "alpha": 16} if method == "lora" else {"reduction_factor": 8}
     tuned = petune.attach(minilm_encoder_decoder(), method, **options)
-    task = Task("news", data, collate, DPRLoss(), batch_size=batch_size, drop_last=True)
-    history = Trainer(tuned, [task], epochs=1, lr=lr, warmup_ratio=0.0, max_steps=steps, progress=False,
-                      log_with=None).fit()
-    return history["step_seconds"], tuned
+    torch.manual_seed(0)
+    return tuned, attach_direct(minilm_encoder_decoder(), method)
 
 
-def main():
+def measure(method, args, tok, collate, data, texts) -> dict:
+    tuned, direct = models(method)
+    steps = args.steps + 1
+    _, order = petune_steps(tuned, data, collate, steps, args.batch_size, 1e-3)  # warm-up; the Trainer's order
+    direct_steps(direct, data, collate, order, 1e-3)  # warm-up
+    block_ratios, step_seconds = [], {"petune": [], "direct": []}
+    for k in range(args.blocks):
+        timings = {}
+        for side in abba(k):
+            if side == "petune":
+                timings["petune"], used = petune_steps(tuned, data, collate, steps, args.batch_size, 1e-3)
+                assert used == order, "both sides must run the same batches"
+            else:
+                timings["direct"] = direct_steps(direct, data, collate, order, 1e-3)
+        for side in timings:
+            step_seconds[side] += timings[side][1:]  # a block's first step pays one-off costs
+        block_ratios.append(statistics.median(timings["petune"][1:]) / statistics.median(timings["direct"][1:]))
+    tuned.eval()
+    direct.eval()
+    base = direct.get_base_model() if hasattr(direct, "get_base_model") else direct
+    encode_ratios, encode_seconds = [], {"petune": [], "direct": []}
+    for k in range(args.encode_pairs):
+        pair = {}
+        for side in abba(k):
+            start = time.perf_counter()
+            if side == "petune":
+                encode(tuned, tok, texts, batch_size=32, progress=False)
+            else:
+                bare_encode(base, tok, texts, 32, 256)
+            pair[side] = time.perf_counter() - start
+            encode_seconds[side].append(pair[side])
+        encode_ratios.append(pair["petune"] / pair["direct"])
+    step, enc = ratio_ci(block_ratios), ratio_ci(encode_ratios)
+    return {"step": {**step, "target": STEP_TARGET, "verdict": verdict(step, STEP_TARGET),
+                     "median_seconds": {k: statistics.median(v) for k, v in step_seconds.items()},
+                     "block_ratios": block_ratios},
+            "encode": {**enc, "target": ENCODE_TARGET, "verdict": verdict(enc, ENCODE_TARGET),
+                       "median_seconds": {k: statistics.median(v) for k, v in encode_seconds.items()},
+                       "pair_ratios": encode_ratios}}
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--encode-texts", type=int, default=256)
+    parser.add_argument("--blocks", type=int, default=48, help="training blocks per method (ABBA)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per block and side (+1 dropped)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--encode-pairs", type=int, default=64)
+    parser.add_argument("--encode-texts", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (pinned)")
     parser.add_argument("--methods", nargs="+", default=["lora", "adapter"])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: intervals too wide to judge")
     parser.add_argument("--output", default=str(HERE / "overhead.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.repeats, args.encode_texts, args.batch_size = 3, 1, 32, 4
+        args.blocks, args.steps, args.encode_pairs, args.encode_texts, args.batch_size = 2, 2, 2, 16, 4
+    torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     collate = RetrievalCollator(tok, query_max_length=32, passage_max_length=96)
-    data = examples(args.steps * args.batch_size)
+    data = examples((args.steps + 1) * args.batch_size)
     texts = [a["body"][:1500] for a in bbc_news()[: args.encode_texts]]
-    results = {}
-    for method in args.methods:
-        step = {"petune": [], "direct": []}
-        enc = {"petune": [], "direct": []}
-        for _ in range(args.repeats):
-            t, tuned = petune_steps(method, data, collate, args.steps, args.batch_size, 1e-3)
-            step["petune"] += t[1:]  # the first step pays one-off costs on both sides
-            t, direct = direct_steps(method, data, collate, args.steps, args.batch_size, 1e-3)
-            step["direct"] += t[1:]
-            tuned.eval()
-            direct.eval()
-            for side in ("direct", "petune"):
-                start = time.perf_counter()
-                if side == "petune":
-                    encode(tuned, tok, texts, batch_size=32, progress=False)
-                else:
-                    base = direct.get_base_model() if hasattr(direct, "get_base_model") else direct
-                    bare_encode(base, tok, texts, 32, 256)
-                enc[side].append(time.perf_counter() - start)
-        results[method] = {
-            "step_seconds_median": {k: statistics.median(v) for k, v in step.items()},
-            "step_ratio": statistics.median(step["petune"]) / statistics.median(step["direct"]),
-            "encode_seconds_min": {k: min(v) for k, v in enc.items()},
-            "encode_ratio": min(enc["petune"]) / min(enc["direct"]),
-        }
-    results["meta"] = {"command": "python benchmarks/overhead.py " + " ".join(sys.argv[1:]),
+    started = time.perf_counter()
+    results = {method: measure(method, args, tok, collate, data, texts) for method in args.methods}
+    results["meta"] = {"command": "python benchmarks/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
                        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
-                       "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size}
-    print(json.dumps(results, indent=2))
+                       "threads": {"torch": torch.get_num_threads(), **{v: os.environ.get(v) for v in (
+                                   "OMP_NUM_THREADS", "MKL_NUM_THREADS")}},
+                       "blocks": args.blocks, "steps": args.steps, "batch_size": args.batch_size,
+                       "encode_pairs": args.encode_pairs, "encode_texts": args.encode_texts,
+                       "seconds": round(time.perf_counter() - started)}
+    for method in args.methods:
+        for kind in ("step", "encode"):
+            r = results[method][kind]
+            print(f"{method:8} {kind:6} {r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}] "
+                  f"(±{r['half_width_percent']:.1f} %, n={r['pairs']}) target ≤ {r['target']}: {r['verdict']}")
     Path(args.output).write_text(json.dumps(results, indent=2))
 
 

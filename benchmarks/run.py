@@ -235,28 +235,50 @@ def write_markdown(table, meta, out: Path):
 def overhead_section(out: Path) -> list[str]:
     """The overhead and encode-throughput results, when their JSON files sit beside the results."""
     lines = []
-    if (out / "overhead.json").exists():
-        o = json.loads((out / "overhead.json").read_text())
+    def interval(r):
+        return f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}] (±{r['half_width_percent']:.1f} %)"
+
+    runs = [f for f in ("overhead.json", "overhead-rerun.json") if (out / f).exists()]
+    if runs:
+        o = json.loads((out / runs[0]).read_text())
+        m = o["meta"]
         lines += ["## petune's overhead", "",
-                  f"`{o['meta']['command'].strip()}` ({o['meta']['machine']}; {o['meta']['steps']} steps x "
-                  f"{o['meta']['repeats']} repeats, batch {o['meta']['batch_size']}). Ratio = petune time / the same "
-                  "work written directly against peft / adapters / transformers, same process, sides interleaved.", "",
-                  "| method | training step (median s): petune / direct | ratio (target ≤ 1.05) | "
-                  "encode pass (s): petune / direct | ratio (target ≤ 1.10) |", "|---|---|---|---|---|"]
-        for method, r in o.items():
-            if method == "meta":
-                continue
-            s, e = r["step_seconds_median"], r["encode_seconds_min"]
-            lines.append(f"| {method} | {s['petune']:.3f} / {s['direct']:.3f} | {r['step_ratio']:.3f} | "
-                         f"{e['petune']:.2f} / {e['direct']:.2f} | {r['encode_ratio']:.3f} |")
+                  f"`{m['command'].strip()}` ({m['machine']}; torch threads {m['threads']['torch']}; "
+                  f"{m['blocks']} ABBA blocks of {m['steps']} timed steps per method, batch {m['batch_size']}; "
+                  f"{m['encode_pairs']} ABBA pairs of encode passes over {m['encode_texts']} texts; "
+                  f"{m['seconds'] / 60:.0f} minutes a run). Ratio = petune time / the same work written directly "
+                  "against peft / adapters / transformers, same batches in the same order; geometric mean over "
+                  "blocks (pairs) with its 95 % bootstrap interval (± its larger half width). A target is met "
+                  "when the whole interval is at or below it. Run 2 is the same command with `--output "
+                  "benchmarks/overhead-rerun.json`, right after run 1. Protocol: "
+                  "`benchmarks/overhead.py`, `benchmarks/stats.py`.", "",
+                  "| method | run | step, median s: petune / direct | step ratio [95 % CI] | ≤ 1.05 | "
+                  "encode, median s: petune / direct | encode ratio [95 % CI] | ≤ 1.10 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        results = [json.loads((out / f).read_text()) for f in runs]
+        for method in (k for k in o if k != "meta"):
+            for number, result in enumerate(results, 1):
+                st, e = result[method]["step"], result[method]["encode"]
+                lines.append(f"| {method} | {number} | {st['median_seconds']['petune']:.3f} / "
+                             f"{st['median_seconds']['direct']:.3f} | {interval(st)} | {st['verdict']} | "
+                             f"{e['median_seconds']['petune']:.2f} / {e['median_seconds']['direct']:.2f} | "
+                             f"{interval(e)} | {e['verdict']} |")
         lines.append("")
-    if (out / "encode_throughput.json").exists():
-        t = json.loads((out / "encode_throughput.json").read_text())
+    runs = [f for f in ("encode_throughput.json", "encode_throughput-rerun.json") if (out / f).exists()]
+    if runs:
+        results = [json.loads((out / f).read_text()) for f in runs]
+        t = results[0]
         lines += ["## Encode throughput vs a bare Hugging Face encoder", "",
-                  f"`python benchmarks/encode_throughput.py` ({t['texts']} BBC bodies, batch {t['batch_size']}, "
-                  f"max {t['max_length']} tokens; {t['machine']}): petune.encode {t['texts_per_s']['petune']:.1f} "
-                  f"texts/s, bare {t['texts_per_s']['bare']:.1f} texts/s, ratio "
-                  f"{t['ratio_petune_over_bare_throughput']:.3f} (target ≥ 0.90).", ""]
+                  f"`{t['command'].strip()}` ({t['texts']} BBC bodies, batch {t['batch_size']}, max "
+                  f"{t['max_length']} tokens; {t['pairs']} ABBA pairs; {t['machine']}). Throughput ratio = bare "
+                  "time / petune time, geometric mean over pairs with its 95 % bootstrap interval; target ≥ 0.90. "
+                  "Run 2: the same with `--output benchmarks/encode_throughput-rerun.json`, right after run 1.",
+                  "", "| run | petune texts/s | bare texts/s | ratio [95 % CI] | ≥ 0.90 |", "|---|---|---|---|---|"]
+        for number, r in enumerate(results, 1):
+            c = r["ratio_petune_over_bare_throughput"]
+            lines.append(f"| {number} | {r['texts_per_s']['petune']:.1f} | {r['texts_per_s']['bare']:.1f} | "
+                         f"{interval(c)} | {c['verdict']} |")
+        lines.append("")
     if (out / "sharded_encode.json").exists():
         t = json.loads((out / "sharded_encode.json").read_text())
         lines += ["## Sharded encoding: 1 vs several processes", "",

@@ -26,6 +26,10 @@ def process_state():
     return PartialState(cpu=cpu_only() and multi)
 
 
+def _longest_first(lengths) -> np.ndarray:
+    return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")  # ties keep input order
+
+
 def shard_indices(lengths, num_processes: int, process_index: int) -> tuple[list[int], int]:
     """The rows a process handles, balanced by length: rows sorted longest first are dealt like
     cards (row ``k`` of that order to process ``k mod num_processes``), so every process gets about
@@ -38,21 +42,21 @@ def shard_indices(lengths, num_processes: int, process_index: int) -> tuple[list
     Returns:
         ``(rows, real)``: the row indices to process (padded) and how many of them are real.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    mine = order[process_index::num_processes]
+    order = _longest_first(lengths)
+    mine = order[process_index::num_processes].tolist()
     per = -(-len(order) // num_processes)
-    real = len(mine)
-    return mine + [mine[-1] if mine else order[-1]] * (per - real), real
+    return mine + [mine[-1] if mine else int(order[-1])] * (per - len(mine)), len(mine)
 
 
 def unshard(gathered: np.ndarray, lengths, num_processes: int) -> np.ndarray:
     """Put the rows of :func:`gather_rows` (every process's padded block, in rank order) back in
     input order, dropping the padding."""
+    order = _longest_first(lengths)
     per = gathered.shape[0] // num_processes
-    out = np.empty((len(lengths),) + gathered.shape[1:], dtype=gathered.dtype)
+    out = np.empty((len(order),) + gathered.shape[1:], dtype=gathered.dtype)
     for rank in range(num_processes):
-        rows, real = shard_indices(lengths, num_processes, rank)
-        out[rows[:real]] = gathered[rank * per:rank * per + real]
+        mine = order[rank::num_processes]
+        out[mine] = gathered[rank * per:rank * per + len(mine)]
     return out
 
 
@@ -60,8 +64,8 @@ def gather_rows(local: np.ndarray, to_all: bool = False, chunk_rows: int = 16384
     """Concatenate every process's ``[rows, d]`` block in rank order.
 
     Every process must pass the same shape (see :func:`shard_indices`; :func:`unshard` restores
-    the input order). Blocks travel in chunks of
-    ``chunk_rows`` rows, so a collective never holds more than ``world · chunk_rows · d`` values.
+    the input order). Blocks travel in chunks of ``chunk_rows`` rows, so a collective never holds
+    more than ``world · chunk_rows · d`` values.
 
     Returns:
         ``[world · rows, d]`` on the main process (on every process when ``to_all``), else ``None``.

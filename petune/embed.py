@@ -193,11 +193,17 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
 _KEYED = ("pooling", "layers", "layer_combine", "prefix", "max_length", "normalize", "task")
 
 
+def _with_defaults(options: dict) -> dict:
+    """encode()'s keyword options with its defaults filled in."""
+    defaults = {k: p.default for k, p in inspect.signature(encode).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {**defaults, **options}
+
+
 def _cache_key(model, tokenizer, texts, options: dict) -> str:
     """What the embeddings depend on: weights, tokenizer, texts, the keyed options of an encode()
     call (defaults filled in, max_length as capped) and the task the model routes to."""
-    defaults = {k: p.default for k, p in inspect.signature(encode).parameters.items() if k in _KEYED}
-    options = {k: options.get(k, defaults[k]) for k in _KEYED}
+    options = {k: v for k, v in _with_defaults(options).items() if k in _KEYED}
     options["max_length"] = _max_length(model, tokenizer, options["max_length"])
     if isinstance(model, TunedModel) and options["task"] is None:
         options["task"] = model.active_task
@@ -240,8 +246,8 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
     state = process_state()
     if state.num_processes == 1:
         return encode(model, tokenizer, texts, cache_dir=cache_dir, progress=progress, **options)
-    texts = _check_args(texts, options.get("pooling", "mean"), options.get("layers"),
-                        options.get("layer_combine", "mean"), options.get("batch_size", 32))
+    o = _with_defaults(options)
+    texts = _check_args(texts, o["pooling"], o["layers"], o["layer_combine"], o["batch_size"])
     cached = None
     if cache_dir is not None:
         # main looks the entry up (encode() with a cache hit never runs the model), then tells the others

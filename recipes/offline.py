@@ -39,7 +39,7 @@ from common import (DEFAULT_LR, RunMismatch, add_method_args, add_run_args, cach
 from petune.data.packaged import bbc_news, bbc_retrieval, chatterbot_qa, split_ids  # noqa: E402
 from petune.dist import process_state  # noqa: E402
 from petune.embed import encode_sharded  # noqa: E402
-from petune.score import BM25, DenseIndex, compare, knn_scores, report_markdown  # noqa: E402
+from petune.score import BM25, DenseIndex, compare, knn_scores, p_values, report_markdown  # noqa: E402
 from petune.train import (ClassificationCollator, ClassificationLoss, DPRLoss, RetrievalCollator, Task,  # noqa: E402
                           Trainer)
 
@@ -181,8 +181,7 @@ def score(data, systems: dict[str, dict]):
         runs.update({system: result[name] for system, result in systems.items()})
         report = compare(test.qrels, runs, metrics=METRICS)
         results[name] = {"scores": {run: dict(v) for run, v in report.results.items()},
-                         "p_values": {f"{a} vs {b}": {m: report.comparisons[a, b][m]["p_value"] for m in METRICS}
-                                      for (a, b) in report.comparisons},
+                         "p_values": p_values(report),
                          "test_queries": len(test.queries), "documents": len(collection.docs)}
         title = {"news": "BBC News headline → article", "qa": "ChatterBot question → answer"}[name]
         sections.append(f"### {title} (test: {len(test.queries)} queries, {len(collection.docs)} documents)\n\n"

@@ -40,7 +40,7 @@ from common import (DEFAULT_LR, RunMismatch, add_method_args, add_run_args, cach
                     method_options, start_run, write_report)
 from petune.data import viquae  # noqa: E402
 from petune.embed import encode_sharded  # noqa: E402
-from petune.score import BM25, DenseIndex, compare, report_markdown  # noqa: E402
+from petune.score import BM25, DenseIndex, compare, p_values, report_markdown  # noqa: E402
 from petune.train import DPRLoss, RetrievalCollator, Task, Trainer  # noqa: E402
 from petune.dist import process_state  # noqa: E402
 
@@ -198,8 +198,7 @@ def main(argv=None):
             "skipped_no_hard_negative": skipped_no_negative,
             "steps": {k: len(h["loss"]) for k, h in histories.items()},
             "scores": {run: dict(v) for run, v in report.results.items()},
-            "p_values": {f"{a} vs {b}": {m: report.comparisons[a, b][m]["p_value"] for m in METRICS}
-                         for (a, b) in report.comparisons},
+            "p_values": p_values(report),
             "total_seconds": round(time.time() - started, 1),
         }
         markdown = "\n".join([

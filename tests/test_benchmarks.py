@@ -31,4 +31,21 @@ def test_overhead_quick(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())["lora"]
-    assert result["step_ratio"] > 0 and result["encode_ratio"] > 0
+    for kind in ("step", "encode"):
+        r = result[kind]
+        assert 0 < r["low"] <= r["ratio"] <= r["high"] and r["pairs"] == 2
+        assert r["verdict"] in ("met", "not met", "undecided")
+
+
+def test_stats_interval_and_verdict():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from stats import abba, ratio_ci, verdict
+
+    assert [abba(k)[0] for k in range(4)] == ["petune", "direct", "petune", "direct"]
+    ci = ratio_ci([1.0, 1.02, 0.98, 1.01, 0.99, 1.0])
+    assert ci["low"] < 1.0 < ci["high"] and ci["half_width_percent"] < 2 and ci["pairs"] == 6
+    assert ratio_ci([1.0, 1.02, 0.98, 1.01]) == ratio_ci([1.0, 1.02, 0.98, 1.01])  # seeded
+    assert verdict(ci, 1.05) == "met" and verdict(ci, 0.9) == "not met" and verdict(ci, 1.0) == "undecided"
+    assert verdict(ci, 0.9, higher_is_better=True) == "met"

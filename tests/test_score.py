@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from petune.score import (BM25, DenseIndex, compare, evaluate, knn_predict, knn_scores, make_qrels, make_run,
-                          report_latex, report_markdown)
+                          p_values, report_latex, report_markdown)
 from petune.score.significance import fisher_randomization_test
 
 
@@ -99,6 +99,8 @@ def test_compare_fisher_report():
     assert report.stat_test == "fisher" and report.max_p == 0.01
     p = report.comparisons["good", "bad"]["mrr@10"]["p_value"]
     assert 0 <= p <= 0.01
+    assert p_values(report) == {"good vs bad": {m: report.comparisons["good", "bad"][m]["p_value"]
+                                                for m in ("mrr@10", "precision@1")}}
     md = report_markdown(report)
     assert "| a | good | 1.000ᵇ |" in md and "Fisher" in md
     assert "\\begin{table" in report_latex(report)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import warnings
 
-from torch import nn
-
 from ..models import ADAPTERS_SUPPORTED, d_model, find_layout, model_type
 from ..registry import register_method
 from .base import Method, module_after
@@ -103,11 +101,7 @@ class BottleneckAdapter(Method):
                 raise ValueError(f"no feed-forward block found in {layer.path}; bottleneck adapters need one")
             if self.options["placement"] == "houlsby":
                 places.update({out: layout.d_model for out in layer.self_out})
-            places[layer.ffn_block] = layout.d_model
-        for path in places:
-            module = model.get_submodule(path)
-            if isinstance(module, nn.Linear):
-                places[path] = module.out_features
+            places[layer.ffn_block] = layout.d_model  # find_layout picks projections to d_model only
         return places
 
     def attach(self, model, modules):

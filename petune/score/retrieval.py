@@ -270,6 +270,16 @@ def compare(qrels, runs, metrics=DEFAULT_METRICS, max_p: float = 0.01, stat_test
                   win_tie_loss=win_tie_loss, stat_test="fisher")
 
 
+def p_values(report) -> dict[str, dict[str, float]]:
+    """``{"a vs b": {metric: p}}`` for every pair of runs of a :func:`compare` report, ``a`` before
+    ``b`` in the report's run order (ranx keys pairs by frozensets, whose iteration order changes
+    from one Python process to the next; these keys do not)."""
+    from itertools import combinations
+
+    return {f"{a} vs {b}": {m: report.comparisons[a, b][m]["p_value"] for m in report.metrics}
+            for a, b in combinations(report.model_names, 2)}
+
+
 def report_markdown(report) -> str:
     """A ranx report as a markdown table; superscript letters mark significant wins (p ≤ max_p)."""
     letters = "abcdefghijklmnopqrstuvwxyz"

@@ -233,8 +233,9 @@ class Trainer:
     def fit(self, resume_from: str | os.PathLike | None = None) -> dict:
         """Train; ``resume_from`` a checkpoint dir, or ``"latest"`` (in ``output_dir``; starts
         fresh when there is none). Returns the history: per-step losses (``[step, task, loss]``),
-        evaluations, skipped steps and the wall time of each optimizer step (``step_seconds``,
-        data loading included)."""
+        evaluations, skipped steps and the wall time of each optimizer step (``step_seconds``: from the
+        end of the previous step, so fetching and collating its batches count; evaluations and
+        checkpoints do not)."""
         from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
@@ -251,12 +252,11 @@ class Trainer:
                    disable=not (self.progress and acc.is_local_main_process))
         self.model.train()
         micro, done = 0, False
+        window_start = time.perf_counter()  # a step's window runs from the end of the previous one
         for epoch in range(self.state["epoch"], self.epochs):
             self.loader.set_epoch(epoch)
             n_batches = len(self.loader)
             for index, task, batch in self.loader.iterate(start=self.state["batch_in_epoch"]):
-                if micro == 0:
-                    window_start = time.perf_counter()
                 self.model.use_task(self._module_task(task))
                 with acc.autocast():
                     loss = self.tasks[task].loss(self.model, batch)
@@ -267,6 +267,7 @@ class Trainer:
                             "the data (empty texts, labels out of range) and the loss")
                     self._skip()
                     micro = 0
+                    window_start = time.perf_counter()
                 else:
                     acc.backward(loss / self.accumulation)
                     micro += 1
@@ -280,6 +281,7 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(task=task, loss=f"{float(loss.detach()):.4f}")
                         done = self._after_step(last_batch=last, epoch=epoch)
+                        window_start = time.perf_counter()
                 if done:
                     break
             if done:
