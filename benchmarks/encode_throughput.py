@@ -1,6 +1,6 @@
 """Encode throughput: petune.encode vs a bare Hugging Face encoder forward, same texts and batch size.
 
-    python benchmarks/encode_throughput.py [--n 32] [--batch-size 32] [--pairs 64] [--threads N] [--quick]
+    python benchmarks/encode_throughput.py [--n 32] [--batch-size 32] [--pairs 48] [--threads N] [--quick]
 
 Both sides tokenise once up front, sort by length and pad per batch (the bare side is given the
 same batches), run under torch.inference_mode and mean-pool; the ratio isolates petune's
@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stats import abba, ratio_ci, verdict  # noqa: E402
+from stats import ratio_ci, timed_pairs, verdict  # noqa: E402
 
 from petune.data.packaged import bbc_news, minilm_encoder_decoder, minilm_path  # noqa: E402
 from petune.embed import encode, mean_pool  # noqa: E402
@@ -55,7 +54,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--pairs", type=int, default=64, help="ABBA pairs of passes")
+    parser.add_argument("--pairs", type=int, default=48, help="ABBA pairs of passes")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (pinned)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: the interval is too wide to judge")
     parser.add_argument("--output", default="benchmarks/encode_throughput.json")
@@ -69,22 +68,14 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     model = minilm_encoder_decoder()
     texts = [a["body"][:1500] for a in bbc_news()[: args.n]]
-    bare_encode(model, tokenizer, texts, args.batch_size, args.max_length)  # warm-up
-    timings, ratios = {"petune": [], "bare": []}, []
-    for k in range(args.pairs):
-        pair = {}
-        for side in abba(k):
-            start = time.perf_counter()
-            if side == "direct":
-                vb = bare_encode(model, tokenizer, texts, args.batch_size, args.max_length)
-            else:
-                vp = encode(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
-                            progress=False)
-            pair[side] = time.perf_counter() - start
-        timings["bare"].append(pair["direct"])
-        timings["petune"].append(pair["petune"])
-        ratios.append(pair["direct"] / pair["petune"])
+    vb = bare_encode(model, tokenizer, texts, args.batch_size, args.max_length)
+    vp = encode(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length, progress=False)
     assert np.allclose(vb, vp, atol=1e-5), "petune and bare embeddings differ"
+    seconds = timed_pairs(
+        lambda: encode(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length, progress=False),
+        lambda: bare_encode(model, tokenizer, texts, args.batch_size, args.max_length), args.pairs)
+    timings = {"petune": seconds["petune"], "bare": seconds["direct"]}
+    ratios = [d / p for p, d in zip(seconds["petune"], seconds["direct"])]
     ci = ratio_ci(ratios)
     result = {
         "command": "python benchmarks/encode_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),

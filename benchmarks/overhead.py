@@ -1,7 +1,7 @@
 """petune's overhead: the same training steps and encode pass through petune and written directly
 against peft / adapters / transformers, in the same process, reported as ratios with 95 % intervals.
 
-    python benchmarks/overhead.py [--blocks 48] [--steps 6] [--encode-pairs 64] [--threads N] [--quick]
+    python benchmarks/overhead.py [--blocks 24] [--steps 6] [--encode-pairs 40] [--threads N] [--quick]
 
 Training: DPR loss (in-batch + one hard negative) on BBC headline → article batches with the
 offline MiniLM BERT2BERT; petune = attach + Trainer (Accelerate, round-robin loader, task
@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from encode_throughput import bare_encode  # noqa: E402
-from stats import abba, ratio_ci, verdict  # noqa: E402
+from stats import abba, ratio_ci, timed_pairs, verdict  # noqa: E402
 
 import petune  # noqa: E402
 from petune.data.packaged import bbc_news, minilm_encoder_decoder, minilm_path  # noqa: E402
@@ -146,18 +146,9 @@ def measure(method, args, tok, collate, data, texts) -> dict:
     tuned.eval()
     direct.eval()
     base = direct.get_base_model() if hasattr(direct, "get_base_model") else direct
-    encode_ratios, encode_seconds = [], {"petune": [], "direct": []}
-    for k in range(args.encode_pairs):
-        pair = {}
-        for side in abba(k):
-            start = time.perf_counter()
-            if side == "petune":
-                encode(tuned, tok, texts, batch_size=32, progress=False)
-            else:
-                bare_encode(base, tok, texts, 32, 256)
-            pair[side] = time.perf_counter() - start
-            encode_seconds[side].append(pair[side])
-        encode_ratios.append(pair["petune"] / pair["direct"])
+    encode_seconds = timed_pairs(lambda: encode(tuned, tok, texts, batch_size=32, progress=False),
+                                 lambda: bare_encode(base, tok, texts, 32, 256), args.encode_pairs)
+    encode_ratios = [p / d for p, d in zip(encode_seconds["petune"], encode_seconds["direct"])]
     step, enc = ratio_ci(block_ratios), ratio_ci(encode_ratios)
     return {"step": {**step, "target": STEP_TARGET, "verdict": verdict(step, STEP_TARGET),
                      "median_seconds": {k: statistics.median(v) for k, v in step_seconds.items()},
@@ -169,10 +160,10 @@ def measure(method, args, tok, collate, data, texts) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--blocks", type=int, default=48, help="training blocks per method (ABBA)")
+    parser.add_argument("--blocks", type=int, default=24, help="training blocks per method (ABBA)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per block and side (+1 dropped)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--encode-pairs", type=int, default=64)
+    parser.add_argument("--encode-pairs", type=int, default=40)
     parser.add_argument("--encode-texts", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (pinned)")
     parser.add_argument("--methods", nargs="+", default=["lora", "adapter"])

@@ -9,12 +9,27 @@ resamples, fixed seed). Pairs, not single steps, are resampled: steps of one run
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import numpy as np
 
 
 def abba(k: int) -> tuple[str, str]:
     """Which side runs first in pair ``k``: ``("petune", "direct")`` then ``("direct", "petune")``."""
     return ("petune", "direct") if k % 2 == 0 else ("direct", "petune")
+
+
+def timed_pairs(petune: Callable[[], object], direct: Callable[[], object], pairs: int) -> dict[str, list[float]]:
+    """Run each side's pass ``pairs`` times in ABBA order: ``{"petune": [s, ...], "direct": [s, ...]}``."""
+    seconds = {"petune": [], "direct": []}
+    run = {"petune": petune, "direct": direct}
+    for k in range(pairs):
+        for side in abba(k):
+            start = time.perf_counter()
+            run[side]()
+            seconds[side].append(time.perf_counter() - start)
+    return seconds
 
 
 def ratio_ci(ratios, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> dict:
