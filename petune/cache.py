@@ -11,12 +11,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,6 @@ class Cache:
         return self._write(self.path(kind, key, ".json"), lambda f: f.write(text.encode()))
 
     def _write(self, path: Path, write) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, write)
         log.info("cached %s", path)
         return path

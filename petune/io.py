@@ -46,6 +46,22 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(tmp)
 
 
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write a file through ``write(binary file object)`` into a temp file beside ``path``, then
+    rename it into place: ``path`` is always the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def _fingerprint(base: nn.Module) -> dict:
     """What a fresh base model must match for saved parameters to fit it."""
     return {"class": getattr(base, "_petune_base_class", type(base).__name__), "model_type": model_type(base),

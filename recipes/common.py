@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -115,8 +114,7 @@ def load_model(name_or_path: str | None):
 
 def write_report(output_dir: Path, markdown: str, data: dict) -> None:
     """``report.md`` and ``report.json`` in ``output_dir``, each written to a temp file and renamed."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    from petune.io import atomic_write
+
     for name, text in (("report.md", markdown), ("report.json", json.dumps(data, indent=2))):
-        tmp = output_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, output_dir / name)
+        atomic_write(output_dir / name, lambda f, text=text: f.write(text.encode()))
