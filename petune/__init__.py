@@ -13,8 +13,9 @@ from .io import load, read_config, save
 from .methods.base import Method
 from .registry import get_method, methods, register_method
 from .tuned import TrainableReport, TunedModel, attach
+from . import vision  # noqa: E402  (after attach: vision builds on it)
 
 __version__ = "0.1.0"
 
 __all__ = ["attach", "encode", "encode_sharded", "register_method", "methods", "get_method", "Method", "TunedModel",
-           "TrainableReport", "save", "load", "read_config", "__version__"]
+           "TrainableReport", "save", "load", "read_config", "vision", "__version__"]

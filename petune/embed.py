@@ -15,9 +15,13 @@ from .tuned import TunedModel, base_of
 POOLINGS = ("mean", "first", "decoder")
 
 
-def _encoder_output(model, input_ids, attention_mask, output_hidden_states):
+def _encoder_output(model, input_ids, attention_mask, output_hidden_states, images=None):
     if isinstance(model, TunedModel):
-        return model.encoder_output(input_ids, attention_mask, output_hidden_states=output_hidden_states)
+        return model.encoder_output(input_ids, attention_mask, output_hidden_states=output_hidden_states,
+                                    images=images)
+    if images is not None:
+        raise TypeError("images need a TunedModel with a visual embedding: petune.attach(model, method) "
+                        "(or 'none'), then petune.vision.add_visual(tuned, ...)")
     out = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
                               output_hidden_states=output_hidden_states, return_dict=True)
     return out, attention_mask
@@ -45,28 +49,35 @@ def _decoder_start_state(model, states, mask):
 
 
 def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean",
-         layers: int | None = None, layer_combine: str = "mean") -> torch.Tensor:
+         layers: int | None = None, layer_combine: str = "mean", images: dict | None = None) -> torch.Tensor:
     """Embed one tokenised batch: ``[batch, seq]`` ids and mask → ``[batch, d]`` (``d·layers`` if concat).
 
     ``"first"`` is the first *input* token (CLS for BERT, the first T5 token); under prompt tuning
     the virtual tokens before it are skipped. ``"mean"`` averages every position the mask covers,
-    virtual tokens included. ``layers=n`` pools each of the last ``n`` encoder layers and averages
-    (``layer_combine="mean"``) or concatenates (``"concat"``) the results.
+    virtual and visual tokens included. ``layers=n`` pools each of the last ``n`` encoder layers and
+    averages (``layer_combine="mean"``) or concatenates (``"concat"``) the results. ``images``: the
+    batch's visual input (:func:`petune.vision.image_batch`), for models with a visual embedding.
     """
     want_layers = layers is not None and layers > 1
-    out, mask = _encoder_output(model, input_ids, attention_mask, want_layers)
+    out, mask = _encoder_output(model, input_ids, attention_mask, want_layers, images)
     stack = list(out.hidden_states[-layers:]) if want_layers else [out.last_hidden_state]
+    first = model.method.prefix_length() if isinstance(model, TunedModel) else 0  # skip virtual tokens
     pooled = []
     for states in stack:
         if pooling == "mean":
             pooled.append(mean_pool(states, mask))
         elif pooling == "first":
-            pooled.append(states[:, states.shape[1] - input_ids.shape[1]])  # skip virtual tokens
+            pooled.append(states[:, first])
         else:
             pooled.append(_decoder_start_state(model, states, mask))
     if len(pooled) == 1:
         return pooled[0]
     return torch.cat(pooled, dim=-1) if layer_combine == "concat" else torch.stack(pooled).mean(0)
+
+
+def pool_inputs(model, inputs: dict, pooling: str = "mean") -> torch.Tensor:
+    """:func:`pool` of a collated batch ``{"input_ids", "attention_mask"[, "images"]}``."""
+    return pool(model, inputs["input_ids"], inputs["attention_mask"], pooling, images=inputs.get("images"))
 
 
 def _check_args(texts, pooling, layers, layer_combine, batch_size):
@@ -91,30 +102,34 @@ def _check_args(texts, pooling, layers, layer_combine, batch_size):
     return texts
 
 
-def _max_length(model, tokenizer, max_length):
-    """Cap the input length so that input + prompt fits the encoder's position table."""
+def _max_length(model, tokenizer, max_length, n_visual: int = 0):
+    """Cap the input length so that prompt + input + visual tokens fit the encoder's position table."""
     limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
     positions = getattr(encoder_config(base_of(model)), "max_position_embeddings", None)
-    n_virtual = 0
-    if isinstance(model, TunedModel) and model.method.name == "prompt":
-        n_virtual = model.method.options["num_virtual_tokens"]
+    n_virtual = model.method.prefix_length() if isinstance(model, TunedModel) else 0
     if positions:
-        limit = min(limit, positions - n_virtual)
+        limit = min(limit, positions - n_virtual - n_visual)
     if limit < 1:
-        raise ValueError(f"no room for input: {n_virtual} virtual tokens fill the {positions} positions")
+        raise ValueError(f"no room for input: {n_virtual} virtual and {n_visual} visual tokens fill the "
+                         f"{positions} positions")
     return limit
 
 
 def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None = None,
            layer_combine: str = "mean", prefix: str = "", max_length: int = 256, batch_size: int = 32,
            normalize: bool = False, task: str | None = None, progress: bool | None = None,
-           cache_dir: str | os.PathLike | None = None) -> np.ndarray:
-    """Embed texts with a (tuned) encoder-decoder: ``[n_texts, d]`` float32, rows in input order.
+           cache_dir: str | os.PathLike | None = None, images=None) -> np.ndarray:
+    """Embed texts (and images) with a (tuned) encoder-decoder: ``[n, d]`` float32, rows in input order.
 
     Args:
         model: a :class:`petune.TunedModel` or a plain Hugging Face encoder-decoder.
         tokenizer: the model's tokenizer.
-        texts: list of strings.
+        texts: list of strings (``None`` with ``images``: image only, each text then being ``prefix``).
+        images: one entry per text, for models with a visual embedding
+            (:func:`petune.vision.add_visual`): ``None`` (text only), features ``[feat_dim]`` /
+            ``[cells, feat_dim]`` / ``{"features", "boxes"}`` (see :func:`petune.vision.regions`),
+            or the image itself (path or PIL; features extracted with the model's backbone, and
+            cached in ``cache_dir`` too). Each example's visual tokens follow its text.
         pooling: ``"mean"`` (mask-aware mean of encoder states; prompt positions included),
             ``"first"`` (first input token: CLS or the first T5 token), or ``"decoder"`` (last
             decoder layer at the decoder start token).
@@ -135,25 +150,35 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
         ``np.ndarray`` of shape ``[len(texts), d]``, dtype float32.
 
     Raises:
-        ValueError: empty ``texts``, bad ``pooling`` / ``layers`` / ``batch_size``, unknown task.
+        ValueError: empty ``texts``, bad ``pooling`` / ``layers`` / ``batch_size``, unknown task;
+            ``images`` not one per text, or on a model without a visual embedding.
         TypeError: ``texts`` is a string or holds non-strings.
         FloatingPointError: the model produced NaN or inf (names the first bad text).
     """
     from tqdm.auto import tqdm
 
+    if images is not None:
+        from .vision.inputs import resolve_images
+
+        texts, images = resolve_images(model, texts, images, cache_dir)
     texts = _check_args(texts, pooling, layers, layer_combine, batch_size)
-    limit = _max_length(model, tokenizer, max_length)
+    n_visual = [0] * len(texts)
+    if images is not None:
+        from .vision.inputs import image_batch, num_regions
+
+        n_visual = [num_regions(x) for x in images]
+    limit = _max_length(model, tokenizer, max_length, max(n_visual))
     cache = Cache(cache_dir) if cache_dir is not None else None
     if cache is not None:
         key = _cache_key(model, tokenizer, texts, dict(pooling=pooling, layers=layers, layer_combine=layer_combine,
                                                        prefix=prefix, max_length=max_length, normalize=normalize,
-                                                       task=task))
+                                                       task=task, images=images))
         hit = cache.load_array("embeddings", key)
         if hit is not None:
             return hit
     encoded = tokenizer([prefix + t for t in texts], truncation=True, max_length=limit,
                         return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-    order = np.argsort([-len(ids) for ids in encoded], kind="stable")  # longest first: OOM shows early
+    order = np.argsort([-len(ids) - r for ids, r in zip(encoded, n_visual)], kind="stable")  # longest first
     device = next(base_of(model).parameters()).device
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     show = len(batches) > 10 if progress is None else progress
@@ -167,8 +192,9 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
         with torch.inference_mode():
             for idx in tqdm(batches, desc="encode", unit="batch", disable=not show):
                 padded = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+                visual = image_batch([images[i] for i in idx], device) if images is not None else None
                 vecs = pool(model, padded["input_ids"].to(device), padded["attention_mask"].to(device),
-                            pooling, layers, layer_combine).float()
+                            pooling, layers, layer_combine, images=visual).float()
                 if normalize:
                     vecs = torch.nn.functional.normalize(vecs, dim=-1)
                 vecs = vecs.cpu().numpy()
@@ -190,7 +216,7 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
 
 
 #: encode() options that change the embeddings (batch_size and progress do not)
-_KEYED = ("pooling", "layers", "layer_combine", "prefix", "max_length", "normalize", "task")
+_KEYED = ("pooling", "layers", "layer_combine", "prefix", "max_length", "normalize", "task", "images")
 
 
 def _with_defaults(options: dict) -> dict:
@@ -207,6 +233,10 @@ def _cache_key(model, tokenizer, texts, options: dict) -> str:
     options["max_length"] = _max_length(model, tokenizer, options["max_length"])
     if isinstance(model, TunedModel) and options["task"] is None:
         options["task"] = model.active_task
+    if options["images"] is not None:
+        from .vision.inputs import images_digest
+
+        options["images"] = images_digest(options["images"])
     tok = [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
            len(tokenizer) if hasattr(tokenizer, "__len__") else None]  # added tokens change the ids
     return fingerprint(weights_fingerprint(model), tok, texts_fingerprint(texts), options)
@@ -247,6 +277,12 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
     if state.num_processes == 1:
         return encode(model, tokenizer, texts, cache_dir=cache_dir, progress=progress, **options)
     o = _with_defaults(options)
+    images = o["images"]
+    if images is not None:  # every process extracts the features (or reads them from the cache)
+        from .vision.inputs import resolve_images
+
+        texts, images = resolve_images(model, texts, images, cache_dir)
+        options = {**options, "images": images}
     texts = _check_args(texts, o["pooling"], o["layers"], o["layer_combine"], o["batch_size"])
     cached = None
     if cache_dir is not None:
@@ -264,6 +300,8 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
             return cached
     lengths = [len(t) for t in texts]  # characters: a cheap proxy of each text's encoding cost
     rows, _ = shard_indices(lengths, state.num_processes, state.process_index)
+    if images is not None:
+        options["images"] = [images[i] for i in rows]
     local = encode(model, tokenizer, [texts[i] for i in rows],
                    progress=progress if state.is_main_process else False, **options)
     gathered = gather_rows(local, to_all=gather_to == "all")

@@ -73,8 +73,9 @@ def save(tuned: TunedModel, path: str | os.PathLike) -> Path:
     """Write the tuned parameters of ``tuned`` (never the base weights) to the directory ``path``.
 
     Files: ``model.safetensors`` (parameter names as in ``tuned.model``, original dtypes) and
-    ``petune.json`` (method, resolved options, tasks, base-model fingerprint, parameter shapes:
-    enough for :func:`load` to re-attach the method to a fresh base model). The directory is
+    ``petune.json`` (method, resolved options, tasks, base-model fingerprint, parameter shapes, the
+    visual embedding's options if any: enough for :func:`load` to re-attach the method, and
+    re-add the visual embedding, to a fresh base model). The directory is
     built beside ``path`` and renamed into place, so an interrupted save leaves either the old
     directory or the new one, never a mix. For the library's own format use ``tuned.model``
     (``save_pretrained`` for peft, ``save_all_adapters`` for adapters).
@@ -104,6 +105,8 @@ def save(tuned: TunedModel, path: str | os.PathLike) -> Path:
         "base": _fingerprint(tuned.base_model),
         "parameters": {n: list(p.shape) for n, p in params.items()},
     }
+    if tuned.visual_options is not None:
+        config["visual"] = tuned.visual_options
     try:
         text = json.dumps(config, indent=2)
     except TypeError as e:
@@ -164,14 +167,21 @@ def load(model: nn.Module, path: str | os.PathLike) -> TunedModel:
 
     if isinstance(model, TunedModel):
         got = {"method": model.method.name, "options": model.method.options, "tasks": model.tasks,
-               "shared": model.shared}
-        want = {k: config[k] for k in got}
+               "shared": model.shared, "visual": model.visual_options}
+        want = {k: config.get(k) for k in got}
         if json.loads(json.dumps(got)) != want:
             raise ValueError(f"{path} holds parameters for {want}, but the model has {got}; "
                              "load it into a fresh base model instead")
         tuned = model
     else:
         tuned = attach(model, config["method"], tasks=config["tasks"], shared=config["shared"], **config["options"])
+        if config.get("visual") is not None:
+            from .vision import add_visual
+
+            visual = dict(config["visual"])
+            backbone = visual.pop("backbone")  # a name only: the extractor is loaded when images need it
+            add_visual(tuned, **visual)
+            tuned.visual_options["backbone"] = backbone
     params = tuned.tuned_parameters()
     shapes = {n: list(p.shape) for n, p in params.items()}
     if shapes != saved_shapes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 # Architectures whose attention / FFN modules are named like BART's (q_proj, v_proj, fc2).
@@ -70,6 +71,20 @@ def d_model(model: nn.Module) -> int:
         if getattr(config, attr, None):
             return int(getattr(config, attr))
     raise ValueError(f"cannot read the hidden size of model_type={config.model_type!r}")
+
+
+def input_embeddings(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The encoder's token embeddings ``[batch, seq, d_model]`` for ``[batch, seq]`` ids, as the
+    encoder would compute them from ``input_ids`` — so that ``encoder(inputs_embeds=...)`` with
+    them gives the same output. Encoders that scale embeddings in their forward (Pegasus, Marian,
+    Blenderbot-Small, FSMT: ``embed_scale``) get the scale here; the ``*ScaledWordEmbedding``
+    modules of BART, M2M100 and others scale inside the embedding already.
+    """
+    encoder = model.get_encoder()
+    embed = getattr(encoder, "embed_tokens", None) or model.get_input_embeddings()
+    scale = getattr(encoder, "embed_scale", None)
+    embeds = embed(input_ids)
+    return embeds * scale if isinstance(scale, (int, float)) and scale != 1.0 else embeds
 
 
 def num_layers(model: nn.Module) -> int:

@@ -27,6 +27,8 @@ class TrainableReport:
     total: int
     per_module: dict[str, int] = field(default_factory=dict)
     per_task: dict[str, int] = field(default_factory=dict)
+    #: trainable parts beside the method, e.g. ``{"visual embedding": n}`` (in ``trainable``)
+    parts: dict[str, int] = field(default_factory=dict)
 
     @property
     def percent(self) -> float:
@@ -34,10 +36,12 @@ class TrainableReport:
 
     def as_dict(self) -> dict:
         return {"method": self.method, "trainable": self.trainable, "total": self.total,
-                "percent": self.percent, "per_module": dict(self.per_module), "per_task": dict(self.per_task)}
+                "percent": self.percent, "per_module": dict(self.per_module), "per_task": dict(self.per_task),
+                "parts": dict(self.parts)}
 
     def __str__(self) -> str:
-        rows = [("all", self.trainable)] + [(f"task {t}", n) for t, n in self.per_task.items()]
+        rows = [("all", self.trainable)] + [(part, n) for part, n in self.parts.items()]
+        rows += [(f"task {t}", n) for t, n in self.per_task.items()]
         width = max(len(r[0]) for r in rows)
         lines = [f"{self.method}: {self.trainable:,} trainable of {self.total:,} parameters ({self.percent:.4f} %)",
                  f"{'':{width}}  {'trainable':>12}  {'% of total':>10}"]
@@ -67,6 +71,9 @@ class TunedModel(nn.Module):
         self._tuned_list = [p for params in tuned.values() for p in params.values()]
         self.active_task = None
         self._active_module = None
+        self.petune_visual = None  # nn.ModuleDict {module: VisualEmbedding}, set by petune.vision.add_visual
+        self.visual_options = None
+        self._parts = {}  # {part name: {module: {name relative to self: Parameter}}}
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, *args, task: str | None = None, **kwargs):
@@ -75,27 +82,61 @@ class TunedModel(nn.Module):
             self.use_task(task)
         return self.model(*args, **kwargs)
 
-    def encoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None):
+    def encoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
+                       images: dict | None = None):
         """Encoder output with the method applied.
 
         Args:
             input_ids, attention_mask: ``[batch, seq]``.
             task: switch to this task first (multi-task models).
+            images: visual input ``{"features": [batch, regions, feat_dim], "boxes": [batch,
+                regions, 4], "mask": [batch, regions]}`` (from :func:`petune.vision.image_batch`);
+                needs :func:`petune.vision.add_visual`. Each row's visual tokens follow its text.
 
         Returns:
             ``(states, mask)``: ``[batch, seq', d_model]`` and ``[batch, seq']``, where
-            ``seq' = seq + num_virtual_tokens`` under prompt tuning (the mask covers the prompt).
+            ``seq' = num_virtual_tokens + seq`` under prompt tuning (the mask covers the prompt),
+            plus the visual tokens when ``images`` is given.
+
+        Raises:
+            ValueError: ``images`` on a model without a visual embedding.
         """
-        out, mask = self.encoder_output(input_ids, attention_mask, task=task)
+        out, mask = self.encoder_output(input_ids, attention_mask, task=task, images=images)
         return out.last_hidden_state, mask
 
     def encoder_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
-                       output_hidden_states: bool = False):
+                       output_hidden_states: bool = False, images: dict | None = None):
         """Like :meth:`encoder_states`, but returns the encoder's ``BaseModelOutput`` (with
         per-layer ``hidden_states`` when ``output_hidden_states``) and the mask."""
         if task is not None:
             self.use_task(task)
-        return self.method.encoder_output(self.model, input_ids, attention_mask, output_hidden_states)
+        if images is None:
+            return self.method.encoder_output(self.model, input_ids, attention_mask, output_hidden_states)
+        return self.method.encoder_output(self.model, input_ids, attention_mask, output_hidden_states,
+                                          visual=self.visual_tokens(images))
+
+    def visual_tokens(self, images: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active task's visual embedding of ``images``: ``([batch, regions, d_model], [batch, regions])``.
+
+        Raises:
+            ValueError: the model has no visual embedding (call :func:`petune.vision.add_visual`).
+        """
+        if self.petune_visual is None:
+            raise ValueError("this model has no visual embedding; add one first: "
+                             "petune.vision.add_visual(tuned, feat_dim=...)")
+        embedding = self.petune_visual[self.visual_module(self.active_task)]
+        features, mask = images["features"], images["mask"]
+        if not mask.any():  # a batch without any image: its placeholder features have no size to check
+            features = features.new_zeros(*features.shape[:2], embedding.feat_dim)
+        return embedding(features, images["boxes"], images.get("order")), mask
+
+    def visual_module(self, task: str | None) -> str:
+        """The key of ``task``'s visual embedding (``"default"`` when shared)."""
+        if not self.visual_options["per_task"]:
+            return SHARED
+        if task is None:
+            raise ValueError(f"this model has one visual embedding per task; name one of {self.tasks}")
+        return task
 
     @property
     def base_model(self) -> nn.Module:
@@ -147,14 +188,30 @@ class TunedModel(nn.Module):
 
     # -- parameters ------------------------------------------------------------------------
     def tuned_parameters(self, module: str | None = None) -> dict[str, nn.Parameter]:
-        """``{name: parameter}`` of the method (all modules, or one), names relative to ``.model``."""
+        """``{name: parameter}`` of everything trained: the method's (names relative to ``.model``)
+        and added parts such as the visual embedding (names starting ``petune_visual.``); all
+        modules, or one."""
+        groups = [self._tuned, *self._parts.values()]
         if module is not None:
-            return dict(self._tuned[module])
-        return {n: p for params in self._tuned.values() for n, p in params.items()}
+            return {n: p for g in groups for n, p in g.get(module, {}).items()}
+        return {n: p for g in groups for params in g.values() for n, p in params.items()}
 
     def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
         """The parameters ``task`` trains (all shared ones when ``shared``)."""
-        return self.tuned_parameters(self.module_for(task))
+        params = dict(self._tuned[self.module_for(task)])
+        if self.petune_visual is not None:
+            params.update(self._parts["visual embedding"][self.visual_module(task)])
+        return params
+
+    def add_part(self, name: str, params: dict[str, dict[str, nn.Parameter]]) -> None:
+        """Register trainable parameters beside the method's (``{module: {name: parameter}}``,
+        names relative to this model): trained, counted in :meth:`trainable_report` under
+        ``name``, saved by :func:`petune.save`."""
+        self._parts[name] = params
+        new = [p for ps in params.values() for p in ps.values()]
+        for p in new:
+            p.requires_grad_(True)
+        self._tuned_list = self._tuned_list + new
 
     def _set_trainable(self) -> None:
         for p in self.model.parameters():
@@ -165,9 +222,11 @@ class TunedModel(nn.Module):
     def trainable_report(self) -> TrainableReport:
         """Counts of trainable parameters, overall and per task; ``print()`` it for a table."""
         per_module = {m: sum(p.numel() for p in ps.values()) for m, ps in self._tuned.items()}
-        per_task = {t: per_module[self.module_for(t)] for t in (self.tasks or [])}
-        total = sum(p.numel() for p in self.model.parameters())
-        return TrainableReport(self.method.name, sum(per_module.values()), total, per_module, per_task)
+        parts = {name: sum(p.numel() for ps in g.values() for p in ps.values()) for name, g in self._parts.items()}
+        per_task = {t: sum(p.numel() for p in self.task_parameters(t).values()) for t in (self.tasks or [])}
+        total = sum(p.numel() for p in self.model.parameters()) + sum(parts.values())
+        return TrainableReport(self.method.name, sum(per_module.values()) + sum(parts.values()), total,
+                               per_module, per_task, parts)
 
 
 def base_of(model: nn.Module) -> nn.Module:
@@ -240,7 +299,7 @@ def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = N
         if module is not None:
             tuned[module][name] = param
     empty = [m for m, ps in tuned.items() if not ps]
-    if empty:
+    if empty and cls.adds_parameters:
         raise RuntimeError(f"method {method!r} added no parameters for module(s) {empty}; check its module_of()")
     model._petune_attached = True
     model._petune_base_class = base_class

@@ -19,6 +19,12 @@ Steps (following meerqat, Lerner et al. 2022):
    searched; ranx MRR@100, P@1, P@20, Hit@20 vs BM25 (and the frozen model with --compare-frozen),
    Fisher's randomization test p ≤ 0.01; report.md / report.json and the tuned parameters
    (petune.save) in --output-dir.
+
+With --images-dir DIR the questions are multimodal (question + image → passage, as ViQuAE
+means them): each question's image (the dataset's ``image`` column, files in DIR) goes through
+EfficientNet-Lite0 (features cached in --cache-dir), and a visual embedding
+(petune.vision.add_visual) trained with the method puts it beside the question's tokens.
+Passages stay text. Without it the recipe is text-only.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ def parse_args(argv=None):
     parser.add_argument("--passage-length", type=int, default=256)
     parser.add_argument("--compare-frozen", action="store_true", help="also score the frozen model (encodes "
                         "the passages twice)")
+    parser.add_argument("--images-dir", help="folder of ViQuAE's question images: multimodal queries "
+                        "(question + image); without it, text only")
     parser.add_argument("--output-dir", default="runs/viquae")
     add_run_args(parser, checkpoint_every=200)
     args = parser.parse_args(argv)
@@ -78,8 +86,9 @@ def parse_args(argv=None):
     return args
 
 
-def training_examples(split, qrels, negatives, passages):
-    """One example per question: its first relevant passage and its first BM25 hard negative."""
+def training_examples(split, qrels, negatives, passages, images=None):
+    """One example per question: its first relevant passage and its first BM25 hard negative (and
+    its image features, ``images[qid]``, when given)."""
     examples, skipped = [], 0
     for qid, question in zip(viquae.question_ids(split), split["input"]):
         if qid not in qrels:
@@ -90,16 +99,19 @@ def training_examples(split, qrels, negatives, passages):
         relevant = next(iter(qrels[qid]))
         examples.append({"query": question, "positive": passages[int(relevant)]["passage"],
                          "negatives": [passages[int(negatives[qid][0])]["passage"]]})
+        if images is not None:
+            examples[-1]["image"] = images[qid]
     return examples, skipped
 
 
-def dense_run(model, tokenizer, passage_texts, split, qids, args, cache=None):
+def dense_run(model, tokenizer, passage_texts, split, qids, args, cache=None, images=None):
     """The test run of a dense model: every process encodes its share of the passages and
-    questions; the main process indexes, searches and gets the ``ranx.Run`` (the others ``None``)."""
+    questions (with their image features, ``images[qid]``, when given); the main process indexes,
+    searches and gets the ``ranx.Run`` (the others ``None``)."""
     vecs = encode_sharded(model, tokenizer, passage_texts, max_length=args.passage_length, cache_dir=cache)
     questions = dict(zip(viquae.question_ids(split), split["input"]))
     q = encode_sharded(model, tokenizer, [questions[i] for i in qids], max_length=args.question_length,
-                       cache_dir=cache)
+                       cache_dir=cache, images=None if images is None else [images[i] for i in qids])
     if vecs is None:
         return None
     index = DenseIndex(vecs, [str(i) for i in range(len(passage_texts))], factory=args.index_factory)
@@ -130,6 +142,18 @@ def main(argv=None):
     if missing:
         print(f"error: the ViQuAE dataset has no {missing} split(s); it has {list(dataset)}", file=sys.stderr)
         return 2
+    images = None
+    if args.images_dir:
+        try:
+            paths = {s: viquae.image_paths(dataset[s], args.images_dir) for s in ("train", "test")}
+        except viquae.MissingDataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        images = {}
+        with state.main_process_first():  # extracted and cached once, read by the other processes
+            for split_paths in paths.values():
+                feats = petune.vision.extract_features(list(split_paths.values()), cache_dir=cache)
+                images.update(zip(split_paths, feats))
 
     links = viquae.article_passages(kb, passages)
     qrels, dropped = {}, {}
@@ -156,6 +180,8 @@ def main(argv=None):
         frozen_run = dense_run(model, tokenizer, passage_texts, dataset["test"], test_ids, args, cache)
 
     tuned = petune.attach(model, args.method, **method_options(args))
+    if images is not None:
+        petune.vision.add_visual(tuned, backbone=petune.vision.DEFAULT_BACKBONE)
     if state.is_main_process:
         print(tuned.trainable_report())
     collate = RetrievalCollator(tokenizer, query_max_length=args.question_length,
@@ -167,7 +193,8 @@ def main(argv=None):
     stages.append(("viquae", dataset["train"], qrels["train"], args.epochs))
     histories, skipped_no_negative = {}, {}
     for name, split, split_qrels, epochs in stages:
-        examples, skipped_no_negative[name] = training_examples(split, split_qrels, mine(split, split_qrels), passages)
+        examples, skipped_no_negative[name] = training_examples(
+            split, split_qrels, mine(split, split_qrels), passages, images if name == "viquae" else None)
         if not examples:
             print(f"error: no training examples for {name} (no question has both a relevant passage and a "
                   "BM25 hard negative)", file=sys.stderr)
@@ -179,19 +206,20 @@ def main(argv=None):
                                   ).fit(resume_from=resume_from)
 
     test = dataset["test"]
-    label = f"{args.method}"
-    tuned_run = dense_run(tuned, tokenizer, passage_texts, test, test_ids, args)
+    label = f"{args.method} + images" if images is not None else args.method
+    tuned_run = dense_run(tuned, tokenizer, passage_texts, test, test_ids, args, images=images)
     if state.is_main_process:
         questions = dict(zip(viquae.question_ids(test), test["input"]))
         runs = {"BM25": bm25.search({q: questions[q] for q in test_ids}, k=min(100, len(passage_texts)))}
         if frozen_run is not None:
-            runs["frozen"] = frozen_run
+            runs["frozen" if images is None else "frozen (text only)"] = frozen_run
         runs[label] = tuned_run
         report = compare(qrels["test"], runs, metrics=METRICS)
         petune.save(tuned, out_dir / "tuned")
         summary = {
             "command": "recipes/viquae.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "method": args.method, "options": method_options(args), "lr": args.lr, "epochs": args.epochs,
+            "images": args.images_dir is not None,
             "trainable": tuned.trainable_report().as_dict(), "index_factory": args.index_factory,
             "questions": {s: {"with_relevant": len(qrels[s]), "dropped_no_relevant": len(dropped[s])}
                           for s in qrels},

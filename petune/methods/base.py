@@ -7,6 +7,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..models import input_embeddings
+
 
 class Method:
     """One parameter-efficient tuning method, as a thin seam over the library that implements it.
@@ -31,6 +33,8 @@ class Method:
     library: ClassVar[str] = ""
     #: False for methods that can only give one module shared by all tasks.
     per_task: ClassVar[bool] = True
+    #: False for methods that add no parameters of their own (``"none"``).
+    adds_parameters: ClassVar[bool] = True
 
     def __init__(self, **options):
         self.options = dict(options)
@@ -51,18 +55,55 @@ class Method:
         """The Hugging Face model underneath whatever ``attach`` returned."""
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
+    def prefix_length(self) -> int:
+        """Positions the method puts before the input tokens in the encoder (prompt tuning's
+        virtual tokens); 0 for methods that leave the input alone."""
+        return 0
+
     def encoder_output(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       output_hidden_states: bool = False):
+                       output_hidden_states: bool = False, visual=None):
         """Encoder output for a batch and the mask that goes with it.
+
+        Args:
+            visual: ``None``, or ``(embeds [batch, regions, d_model], mask [batch, regions])``:
+                visual tokens that follow each row's text (see :func:`join_tokens`).
 
         Returns:
             ``(output, mask)``: a transformers ``BaseModelOutput`` (``last_hidden_state``
             ``[batch, seq, d_model]``; ``hidden_states`` per layer if asked) and ``[batch, seq]``.
         """
-        encoder = self.base_model(model).get_encoder()
-        out = encoder(input_ids=input_ids, attention_mask=attention_mask,
+        base = self.base_model(model)
+        encoder = base.get_encoder()
+        if visual is None:
+            out = encoder(input_ids=input_ids, attention_mask=attention_mask,
+                          output_hidden_states=output_hidden_states, return_dict=True)
+            return out, attention_mask
+        embeds, mask = join_tokens(input_embeddings(base, input_ids), attention_mask, *visual)
+        out = encoder(input_ids=None, inputs_embeds=embeds, attention_mask=mask,
                       output_hidden_states=output_hidden_states, return_dict=True)
-        return out, attention_mask
+        return out, mask
+
+
+def join_tokens(embeds: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor, extra_mask: torch.Tensor):
+    """Put each row's ``extra`` tokens right after its own tokens, padding last.
+
+    Args:
+        embeds, mask: ``[batch, seq, d]`` and ``[batch, seq]`` (text, right-padded).
+        extra, extra_mask: ``[batch, regions, d]`` and ``[batch, regions]`` (visual tokens; a row
+            without an image has an all-zero mask).
+
+    Returns:
+        ``([batch, seq', d], [batch, seq'])`` with ``seq' ≤ seq + regions`` (trailing all-padding
+        columns cut). Valid positions come first in their order, so a row's positions do not
+        depend on the other rows of the batch: a text-only row comes out as it went in.
+    """
+    embeds = torch.cat([embeds, extra.to(embeds.dtype)], dim=1)
+    mask = torch.cat([mask, extra_mask.to(mask.dtype)], dim=1)
+    order = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)  # valid first, order kept
+    mask = mask.gather(1, order)
+    embeds = embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+    keep = max(int(mask.sum(1).max()), 1)
+    return embeds[:, :keep], mask[:, :keep]
 
 
 def module_after(param_name: str, markers: tuple[str, ...], modules: set[str]) -> str | None:

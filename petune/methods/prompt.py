@@ -10,6 +10,7 @@ import torch
 from ..models import d_model, num_heads, num_layers
 from ..registry import register_method
 from ._peft import PeftMethod, positive_int
+from .base import join_tokens
 
 
 @register_method("prompt")
@@ -61,15 +62,22 @@ class PromptTuning(PeftMethod):
                                   num_transformer_submodules=1, token_dim=d_model(model),
                                   num_layers=num_layers(model), num_attention_heads=num_heads(model), **init)
 
-    def encoder_output(self, model, input_ids, attention_mask, output_hidden_states=False):
+    def prefix_length(self) -> int:
+        return self.options["num_virtual_tokens"]
+
+    def encoder_output(self, model, input_ids, attention_mask, output_hidden_states=False, visual=None):
         """Encoder output with the prompt, as peft's forward builds it.
 
         Returns:
             ``(output, mask)``: states ``[batch, n_virtual + seq, d_model]`` and mask
             ``[batch, n_virtual + seq]``; the virtual tokens come first and the mask covers them.
+            Visual tokens (``visual``, see :meth:`petune.Method.encoder_output`) follow each
+            row's text: prompt, text, image.
         """
         batch = input_ids.shape[0]
         embeds = model.word_embeddings(input_ids)
+        if visual is not None:
+            embeds, attention_mask = join_tokens(embeds, attention_mask, *visual)
         prompts = model.get_prompt(batch_size=batch).to(embeds.dtype)
         n_virtual = model.active_peft_config.num_virtual_tokens
         embeds = torch.cat([prompts[:, :n_virtual], embeds], dim=1)

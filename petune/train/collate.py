@@ -5,14 +5,24 @@ from __future__ import annotations
 import torch
 
 
-def _tokenize(tokenizer, texts, max_length):
-    return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-                          return_token_type_ids=False))
+def _tokenize(tokenizer, texts, max_length, examples=None, image_key=None):
+    """Tokenised texts; with ``image_key`` present in any of ``examples``, also ``"images"``: the
+    batch's visual input (:func:`petune.vision.image_batch`; examples without it are text only)."""
+    batch = dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                           return_token_type_ids=False))
+    if image_key is not None and any(image_key in e for e in examples):
+        from ..vision.inputs import image_batch
+
+        batch["images"] = image_batch([e.get(image_key) for e in examples])
+    return batch
 
 
 class RetrievalCollator:
     """``{"query": str, "positive": str, "negatives": [str, ...]}`` examples → ``{"query", "passages"}``
     with passages grouped per query (relevant first), as :func:`petune.train.losses.dpr_loss` expects.
+
+    Multimodal queries (question + image → passage): an example's ``"image"`` (features, see
+    :func:`petune.vision.regions`, or ``None``) joins its query as visual tokens.
 
     Raises:
         ValueError: examples in one batch with different numbers of negatives.
@@ -28,23 +38,35 @@ class RetrievalCollator:
         if len(counts) > 1:
             raise ValueError(f"every example of a batch needs the same number of negatives, got {sorted(counts)}")
         passages = [self.passage_prefix + p for e in examples for p in [e["positive"], *e.get("negatives", [])]]
-        return {"query": _tokenize(self.tokenizer, [self.query_prefix + e["query"] for e in examples], self.qlen),
+        return {"query": _tokenize(self.tokenizer, [self.query_prefix + e["query"] for e in examples], self.qlen,
+                                   examples, "image"),
                 "passages": _tokenize(self.tokenizer, passages, self.plen)}
 
 
 class PairCollator:
-    """``{"a": str, "b": str}`` examples → ``{"a", "b"}`` batches for :class:`PairLoss`."""
+    """``{"a": str, "b": str}`` examples → ``{"a", "b"}`` batches for :class:`PairLoss`.
+
+    Image–text matching: ``"image_a"`` / ``"image_b"`` (features or ``None``) join side a / b as
+    visual tokens; ``"a"`` may then be ``""`` (image only: the side's text is its prefix, e.g.
+    ``"image text match: "``).
+    """
 
     def __init__(self, tokenizer, max_length: int = 128, prefix_a: str = "", prefix_b: str = ""):
         self.tokenizer, self.max_length, self.prefix_a, self.prefix_b = tokenizer, max_length, prefix_a, prefix_b
 
     def __call__(self, examples):
-        return {"a": _tokenize(self.tokenizer, [self.prefix_a + e["a"] for e in examples], self.max_length),
-                "b": _tokenize(self.tokenizer, [self.prefix_b + e["b"] for e in examples], self.max_length)}
+        return {"a": _tokenize(self.tokenizer, [self.prefix_a + e["a"] for e in examples], self.max_length,
+                               examples, "image_a"),
+                "b": _tokenize(self.tokenizer, [self.prefix_b + e["b"] for e in examples], self.max_length,
+                               examples, "image_b")}
 
 
 class ClassificationCollator:
-    """``{"text": str, "label": label}`` examples → ``{"inputs", "labels"}``; ``labels`` lists the classes."""
+    """``{"text": str, "label": label}`` examples → ``{"inputs", "labels"}``; ``labels`` lists the classes.
+
+    Image classification: an example's ``"image"`` (features or ``None``) joins its text as visual
+    tokens; ``"text"`` may be ``""`` (the prefix alone).
+    """
 
     def __init__(self, tokenizer, labels, max_length: int = 256, prefix: str = ""):
         self.tokenizer, self.max_length, self.prefix = tokenizer, max_length, prefix
@@ -54,7 +76,8 @@ class ClassificationCollator:
         unknown = {e["label"] for e in examples} - set(self.index)
         if unknown:
             raise ValueError(f"labels {sorted(map(str, unknown))} are not among the classes {list(self.index)}")
-        return {"inputs": _tokenize(self.tokenizer, [self.prefix + e["text"] for e in examples], self.max_length),
+        return {"inputs": _tokenize(self.tokenizer, [self.prefix + e["text"] for e in examples], self.max_length,
+                                    examples, "image"),
                 "labels": torch.tensor([self.index[e["label"]] for e in examples])}
 
 

@@ -119,6 +119,9 @@ class Trainer:
         self.loader = MultiTaskLoader(loaders, sampling, seed, batches_per_task)
 
         self.params = list(model.tuned_parameters().values()) + [p for p in self.losses.parameters()]
+        if not self.params:
+            raise ValueError(f"nothing to train: method {model.method.name!r} adds no parameters and no task loss "
+                             "has any (add a visual embedding, a classification head, or pick another method)")
         for p in self.losses.parameters():
             p.requires_grad_(True)
         self._broadcast_parameters()

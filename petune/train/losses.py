@@ -1,4 +1,7 @@
 """Training losses. Each loss class is called as ``loss(model, batch)`` by the training loop.
+Batches may carry images (``"images"`` beside ``input_ids``, from the collators): the losses pass
+them to the model, so image–text matching is :class:`PairLoss`, multimodal retrieval
+:class:`DPRLoss` and image classification :class:`ClassificationLoss`.
 
 Under several processes the contrastive losses gather the other processes' embeddings (in-batch
 negatives across GPUs, as in DPR / meerqat): gathered copies carry no gradient, the local part
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..embed import pool
+from ..embed import pool_inputs
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -93,8 +96,8 @@ class DPRLoss(nn.Module):
         self.pooling, self.gather = pooling, gather
 
     def forward(self, model, batch):
-        q = pool(model, batch["query"]["input_ids"], batch["query"]["attention_mask"], self.pooling)
-        p = pool(model, batch["passages"]["input_ids"], batch["passages"]["attention_mask"], self.pooling)
+        q = pool_inputs(model, batch["query"], self.pooling)
+        p = pool_inputs(model, batch["passages"], self.pooling)
         return dpr_loss(q, p, self.gather)
 
 
@@ -108,8 +111,8 @@ class PairLoss(nn.Module):
         self.logit_scale = LogitScale(init_temperature)
 
     def forward(self, model, batch):
-        a = pool(model, batch["a"]["input_ids"], batch["a"]["attention_mask"], self.pooling)
-        b = pool(model, batch["b"]["input_ids"], batch["b"]["attention_mask"], self.pooling)
+        a = pool_inputs(model, batch["a"], self.pooling)
+        b = pool_inputs(model, batch["b"], self.pooling)
         return info_nce(a, b, self.logit_scale(), self.gather)
 
 
@@ -123,7 +126,7 @@ class ClassificationLoss(nn.Module):
         self.head = nn.Linear(d_model, num_labels)
 
     def forward(self, model, batch):
-        x = pool(model, batch["inputs"]["input_ids"], batch["inputs"]["attention_mask"], self.pooling)
+        x = pool_inputs(model, batch["inputs"], self.pooling)
         return F.cross_entropy(self.head(x), batch["labels"])
 
 

@@ -1,0 +1,20 @@
+"""Images beside text: VL-T5's visual embedding for any encoder-decoder petune tunes, image features
+from a frozen backbone (cached), and real offline image data.
+
+::
+
+    tuned = petune.attach(model, "lora", r=8)
+    petune.vision.add_visual(tuned, backbone="efficientnet-lite0")     # trainable, saved with the model
+    feats = petune.vision.extract_features(paths, cache_dir="cache")   # [n, 1280]
+    emb = petune.encode(tuned, tok, ["image text match:"] * n, images=list(feats))
+"""
+
+from .data import tuxpaint, twemoji
+from .embedding import VisualEmbedding, add_visual
+from .features import (DEFAULT_BACKBONE, EfficientNetLite0, FeatureExtractor, HFVisionBackbone, extract_features,
+                       feature_extractor, load_image)
+from .inputs import grid_boxes, image_batch, num_regions, regions
+
+__all__ = ["add_visual", "VisualEmbedding", "extract_features", "feature_extractor", "FeatureExtractor",
+           "EfficientNetLite0", "HFVisionBackbone", "load_image", "DEFAULT_BACKBONE", "image_batch", "regions",
+           "grid_boxes", "num_regions", "twemoji", "tuxpaint"]
