@@ -76,11 +76,35 @@ class TunedModel(nn.Module):
         self._parts = {}  # {part name: {module: {name relative to self: Parameter}}}
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, *args, task: str | None = None, **kwargs):
-        """The base model's forward (with the method applied). ``task=`` switches first."""
+    def forward(self, *args, task: str | None = None, images: dict | None = None, **kwargs):
+        """The base model's forward (with the method applied). ``task=`` switches first.
+
+        With ``images`` (see :meth:`encoder_states`; needs :func:`petune.vision.add_visual`) the
+        encoder reads text and visual tokens, and the base model runs on that encoder output with
+        the extended mask (``labels`` / ``decoder_input_ids`` as usual): VL-T5's generative setting.
+        ``input_ids`` and ``attention_mask`` must then be keywords.
+        """
         if task is not None:
             self.use_task(task)
-        return self.model(*args, **kwargs)
+        if images is None:
+            return self.model(*args, **kwargs)
+        out, mask = self._encode_with_images(args, kwargs, images)
+        return self.base_model(encoder_outputs=out, attention_mask=mask, **kwargs)
+
+    def generate(self, *args, task: str | None = None, images: dict | None = None, **kwargs):
+        """``generate`` of the library's model, or, with ``images``, of the base model on the
+        encoder output with visual tokens (``input_ids`` / ``attention_mask`` as keywords)."""
+        if task is not None:
+            self.use_task(task)
+        if images is None:
+            return self.model.generate(*args, **kwargs)
+        out, mask = self._encode_with_images(args, kwargs, images)
+        return self.base_model.generate(encoder_outputs=out, attention_mask=mask, **kwargs)
+
+    def _encode_with_images(self, args, kwargs, images):
+        if args or "input_ids" not in kwargs or "attention_mask" not in kwargs:
+            raise TypeError("with images, pass input_ids= and attention_mask= as keyword arguments")
+        return self.encoder_output(kwargs.pop("input_ids"), kwargs.pop("attention_mask"), images=images)
 
     def encoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
                        images: dict | None = None):

@@ -146,6 +146,34 @@ def test_visual_errors():
         image_batch([feats(0), feats(0, 8)])
 
 
+@pytest.mark.parametrize("arch,method", [("t5", "prompt"), ("bart", "lora"), ("bert2bert", "adapter (Pfeiffer)"),
+                                         ("marian", "ia3")])
+def test_seq2seq_forward_and_generate_with_images(arch, method):
+    from petune.train import Seq2SeqCollator, Seq2SeqLoss
+
+    tuned = attach("encoder-decoder" if arch == "bert2bert" else arch, method)
+    ids, mask = text_batch()
+    labels = torch.randint(5, 100, (3, 4), generator=torch.Generator().manual_seed(1))
+    plain = tuned(input_ids=ids, attention_mask=mask, labels=labels).loss
+    no_image = tuned(input_ids=ids, attention_mask=mask, labels=labels, images=image_batch([None] * 3)).loss
+    torch.testing.assert_close(no_image, plain, atol=1e-5, rtol=1e-5)  # same as the library's own forward
+    images = image_batch([feats(0), None, feats(1, 4, FEAT)])
+    tuned.train()
+    loss = tuned(input_ids=ids, attention_mask=mask, labels=labels, images=images).loss
+    assert not torch.allclose(loss, plain)
+    loss.backward()
+    assert all(p.grad is not None for p in tuned.petune_visual.parameters())
+    tuned.eval()
+    out = tuned.generate(input_ids=ids, attention_mask=mask, images=images, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 3 and out.shape[1] >= 2
+    with pytest.raises(TypeError, match="keyword"):
+        tuned(ids, mask, images=images)
+    batch = Seq2SeqCollator(CharTokenizer(), prefix="vqa: ")(
+        [{"source": "what is it", "target": "a cat", "image": feats(0)}, {"source": "hi", "target": "hello"}])
+    assert batch["images"]["mask"].tolist() == [[1], [0]]
+    assert torch.isfinite(Seq2SeqLoss()(tuned, batch))
+
+
 def test_image_batch_regions_boxes_and_order():
     np.testing.assert_allclose(grid_boxes(4), [[0, 0, .5, .5], [.5, 0, 1, .5], [0, .5, .5, 1], [.5, .5, 1, 1]])
     f, b = regions({"features": feats(0, 3, FEAT), "boxes": [[0, 0, .2, .2]] * 3})

@@ -83,14 +83,16 @@ class ClassificationCollator:
 
 class Seq2SeqCollator:
     """``{"source": str, "target": str}`` examples → ``{input_ids, attention_mask, labels}``
-    (label padding set to -100 so the LM loss ignores it)."""
+    (label padding set to -100 so the LM loss ignores it). An example's ``"image"`` (features or
+    ``None``) joins its source as visual tokens (VL-T5's generative tasks, e.g. ``"vqa: "``)."""
 
     def __init__(self, tokenizer, max_length: int = 256, target_max_length: int = 64, prefix: str = ""):
         self.tokenizer, self.max_length, self.target_max_length, self.prefix = (
             tokenizer, max_length, target_max_length, prefix)
 
     def __call__(self, examples):
-        batch = _tokenize(self.tokenizer, [self.prefix + e["source"] for e in examples], self.max_length)
+        batch = _tokenize(self.tokenizer, [self.prefix + e["source"] for e in examples], self.max_length,
+                          examples, "image")
         target = _tokenize(self.tokenizer, [e["target"] for e in examples], self.target_max_length)
         labels = target["input_ids"].masked_fill(target["attention_mask"] == 0, -100)
         batch["labels"] = labels

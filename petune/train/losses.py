@@ -132,7 +132,7 @@ class ClassificationLoss(nn.Module):
 
 class Seq2SeqLoss(nn.Module):
     """The model's own LM loss for generative batches ``{input_ids, attention_mask, labels}``
-    (labels padded with -100)."""
+    (labels padded with -100; ``images`` too when the collator added them)."""
 
     def forward(self, model, batch):
         return model(**batch).loss
