@@ -68,6 +68,8 @@ def parse_args(argv=None):
                         help="which tuned rows to train besides the linear probe (default: all)")
     parser.add_argument("--features", default="pooled", choices=["pooled", "grid"],
                         help="one visual token per image (pooled) or one per 7x7 grid cell, with its box")
+    parser.add_argument("--pooling", default="mean", choices=["mean", "first"],
+                        help="embedding of an input: mean of its encoder states, or the first token's")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, help=f"learning rate for every tuned row (default per method: {LR})")
@@ -136,13 +138,13 @@ def linear_probe(data, text_vectors, args, dim=256):
 
 
 # -- scoring -----------------------------------------------------------------------------------
-def encode_model(model, tokenizer, data, ids, cache=None):
+def encode_model(model, tokenizer, data, ids, pooling, cache=None):
     """Image-side and text-side embeddings of ``ids`` (on the main process; ``None`` elsewhere)."""
     items = data["items"]
     images = encode_sharded(model, tokenizer, None, images=[items[i]["features"] for i in ids], prefix=IMAGE_PREFIX,
-                            normalize=True, max_length=32, cache_dir=cache)
+                            normalize=True, max_length=32, pooling=pooling, cache_dir=cache)
     texts = encode_sharded(model, tokenizer, [items[i]["text"] for i in ids], normalize=True, max_length=32,
-                           cache_dir=cache)
+                           pooling=pooling, cache_dir=cache)
     return None if images is None else (images, texts)
 
 
@@ -190,11 +192,11 @@ def train_row(method, args, data, state, out_dir, resume_from):
     itm = [{"a": "", "image_a": items[i]["features"], "b": items[i]["text"]} for i in train]
     cls = [{"text": "", "image": items[i]["features"], "label": items[i]["category"]} for i in train]
     d_model = petune.models.d_model(tuned.base_model)
-    tasks = [Task("itm", itm, PairCollator(tokenizer, max_length=32, prefix_a=IMAGE_PREFIX), PairLoss(),
+    tasks = [Task("itm", itm, PairCollator(tokenizer, max_length=32, prefix_a=IMAGE_PREFIX), PairLoss(args.pooling),
                   batch_size=args.batch_size, drop_last=True),
              Task("category", cls, ClassificationCollator(tokenizer, data["categories"], max_length=32,
                                                           prefix=IMAGE_PREFIX),
-                  ClassificationLoss(d_model, len(data["categories"])), batch_size=args.batch_size)]
+                  ClassificationLoss(d_model, len(data["categories"]), args.pooling), batch_size=args.batch_size)]
     started = time.time()
     history = Trainer(tuned, tasks, epochs=args.epochs, lr=args.lr or LR[method], seed=args.seed,
                       output_dir=out_dir / method, checkpoint_every=args.checkpoint_every,
@@ -240,7 +242,7 @@ def main(argv=None):
     # (b) the visual embedding alone, (c) with each method
     for method in methods:
         tuned, tokenizer, history, seconds = train_row(method, args, data, state, out_dir, resume_from)
-        emb = encode_model(tuned, tokenizer, data, ids)
+        emb = encode_model(tuned, tokenizer, data, ids, args.pooling)
         if state.is_main_process:
             name = "visual only" if method == "none" else f"visual + {method}"
             systems[name] = results_of(dict(zip(ids, emb[0])), dict(zip(ids, emb[1])), data)
@@ -251,7 +253,7 @@ def main(argv=None):
     if state.is_main_process:
         results, sections = score(data, systems)
         summary = {"command": "recipes/vision.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                   "dataset": args.dataset, "features": args.features, "epochs": args.epochs,
+                   "dataset": args.dataset, "features": args.features, "pooling": args.pooling, "epochs": args.epochs,
                    "batch_size": args.batch_size, "seed": args.seed, "split_seed": args.split_seed,
                    "processes": state.num_processes, "items": len(data["items"]),
                    "splits": {k: len(v) for k, v in split.items()}, "rows": rows, "results": results,
