@@ -54,6 +54,13 @@ def regions(image) -> tuple[np.ndarray, np.ndarray]:
                      f"{feats.shape}; images themselves go through petune.vision.extract_features first")
 
 
+def images_of(entry) -> list:
+    """One example's image entry as a list of images (``None``: none; a list: several)."""
+    if entry is None:
+        return []
+    return list(entry) if isinstance(entry, (list, tuple)) else [entry]
+
+
 def image_batch(images, device=None) -> dict[str, torch.Tensor]:
     """The visual input of a batch, as :meth:`petune.TunedModel.encoder_states` takes it.
 
@@ -70,11 +77,7 @@ def image_batch(images, device=None) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: features of different sizes in one batch, or a bad shape.
     """
-    rows = []
-    for item in images:
-        parts = [] if item is None else item if isinstance(item, (list, tuple)) else [item]
-        per = [regions(p) for p in parts]
-        rows.append(per)
+    rows = [[regions(p) for p in images_of(item)] for item in images]
     dims = {f.shape[1] for per in rows for f, _ in per}
     if len(dims) > 1:
         raise ValueError(f"image features of different sizes in one batch: {sorted(dims)}")
@@ -97,10 +100,7 @@ def image_batch(images, device=None) -> dict[str, torch.Tensor]:
 
 def num_regions(image) -> int:
     """How many visual tokens one example's image entry gives (0 for ``None``)."""
-    if image is None:
-        return 0
-    parts = image if isinstance(image, (list, tuple)) else [image]
-    return sum(regions(p)[0].shape[0] for p in parts)
+    return sum(regions(p)[0].shape[0] for p in images_of(image))
 
 
 def resolve_images(model, texts, images, cache_dir=None):
@@ -149,7 +149,7 @@ def images_digest(images) -> str:
 
     h = hashlib.sha256()
     for item in images:
-        parts = [] if item is None else item if isinstance(item, (list, tuple)) else [item]
+        parts = images_of(item)
         h.update(len(parts).to_bytes(4, "little"))
         for p in parts:
             f, b = regions(p)
