@@ -259,7 +259,6 @@ def main(argv=None):
             f"{summary['train_seconds']:.0f} s (total {summary['total_seconds']:.0f} s)", "",
             "```", str(report), "```", "", *[s + "\n" for s in sections]])
         write_report(out_dir, markdown, summary)
-        print(markdown)
     state.wait_for_everyone()
     return 0
 

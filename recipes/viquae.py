@@ -235,7 +235,6 @@ def main(argv=None):
             f"{len(passage_texts)} passages, index `{args.index_factory}`.", "",
             report_markdown(report), ""])
         write_report(out_dir, markdown, summary)
-        print(markdown)
     state.wait_for_everyone()
     return 0
 

@@ -268,7 +268,6 @@ def main(argv=None):
             "| row | trainable | lr | steps | train s |", "|---|---|---|---|---|", table,
             *[s + "\n" for s in sections]])
         write_report(out_dir, markdown, summary)
-        print(markdown)
     state.wait_for_everyone()
     return 0
 
