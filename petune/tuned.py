@@ -12,6 +12,7 @@ from .models import check_encoder_decoder
 from .registry import get_method
 
 SHARED = "default"  # module name used when all tasks share one module
+VISUAL_PART = "visual embedding"  # the trainable part petune.vision.add_visual registers
 
 
 @dataclass
@@ -224,7 +225,7 @@ class TunedModel(nn.Module):
         """The parameters ``task`` trains (all shared ones when ``shared``)."""
         params = dict(self._tuned[self.module_for(task)])
         if self.petune_visual is not None:
-            params.update(self._parts["visual embedding"][self.visual_module(task)])
+            params.update(self._parts[VISUAL_PART][self.visual_module(task)])
         return params
 
     def add_part(self, name: str, params: dict[str, dict[str, nn.Parameter]]) -> None:

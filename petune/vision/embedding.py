@@ -8,13 +8,11 @@ import torch
 from torch import nn
 
 from ..models import d_model, model_type
-from ..tuned import SHARED, TunedModel
+from ..tuned import SHARED, VISUAL_PART, TunedModel
 
 #: encoders whose ``inputs_embeds`` path is not position-correct in transformers 4.57 (FSMT makes
 #: position ids from the embedding values), so visual tokens cannot be joined to their input
 NO_INPUTS_EMBEDS = ("fsmt",)
-
-PART = "visual embedding"
 
 
 class VisualEmbedding(nn.Module):
@@ -124,6 +122,6 @@ def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None,
         {m: VisualEmbedding(feat_dim, d_model(tuned.base_model), n_images) for m in modules}).to(device)
     tuned.visual_options = {"feat_dim": feat_dim, "backbone": name, "grid": bool(grid), "per_task": per_task,
                             "n_images": n_images}
-    tuned.add_part(PART, {m: {f"petune_visual.{m}.{n}": p for n, p in tuned.petune_visual[m].named_parameters()}
+    tuned.add_part(VISUAL_PART, {m: {f"petune_visual.{m}.{n}": p for n, p in tuned.petune_visual[m].named_parameters()}
                           for m in modules})
     return tuned
