@@ -74,8 +74,8 @@ def test_dpr_loss_by_hand():
 
 @pytest.mark.multiproc
 def test_two_processes_agree(tmp_path):
-    """torchrun --nproc_per_node 2: same task order, gathered losses equal single-process ones,
-    identical parameters after a two-process Trainer run."""
+    """torchrun --nproc_per_node 2: same task order, gathered losses and their gradients equal
+    single-process ones, identical parameters after a two-process Trainer run."""
     env = {**os.environ, "CHECK_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            str(ROOT / "tests" / "multiproc" / "ddp_check.py")]
@@ -87,6 +87,10 @@ def test_two_processes_agree(tmp_path):
     assert r0["dpr_mean_over_processes"] == pytest.approx(r0["dpr_single_process"], rel=1e-6)
     assert r0["nce_mean_over_processes"] == pytest.approx(r0["nce_single_process"], rel=1e-6)
     assert r0["dpr_local_grad_nonzero"] and r1["dpr_local_grad_nonzero"]
+    # gathered copies send their gradient home: N processes give the single-process gradient
+    assert r0["dpr_grad_max_diff"] < 1e-6 and r1["dpr_grad_max_diff"] < 1e-6
+    assert r0["itm_grad_norm"] > 1e-3
+    assert r0["itm_grad_max_diff"] < 1e-5 * max(1.0, r0["itm_grad_norm"]) and r1["itm_grad_max_diff"] < 1e-4
     assert r0["steps"] == r1["steps"] == 4  # 16 examples / batch 2 / 2 processes
     assert r0["param_checksum"] == r1["param_checksum"]
     assert r0["gather_after_fit"] == [0.0, 1.0]  # the process group is still usable after fit()

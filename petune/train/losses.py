@@ -4,8 +4,12 @@ them to the model, so image–text matching is :class:`PairLoss`, multimodal ret
 :class:`DPRLoss` and image classification :class:`ClassificationLoss`.
 
 Under several processes the contrastive losses gather the other processes' embeddings (in-batch
-negatives across GPUs, as in DPR / meerqat): gathered copies carry no gradient, the local part
-keeps its own, and labels are offset by the process rank.
+negatives across GPUs, as in DPR / meerqat) with an all-gather that sends each copy's gradient back
+to the process that computed it. Once the training loop averages gradients, N processes of batch b
+give exactly the gradient of one process with batch N·b. (Gathering detached copies, as DPR's code
+does, drops every embedding's part as another process's negative; that part cancels a direction
+shared by all local embeddings, and without it image–text matching, whose image-side inputs differ
+only in their visual tokens, did not learn under 2 processes.)
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from ..embed import pool_inputs
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All processes' ``x`` concatenated in rank order, the local block keeping its gradient.
+    """All processes' ``x`` concatenated in rank order; the backward pass sums each block's
+    gradients from every process and hands them to the process that owns the block
+    (``torch.distributed.nn.functional.all_gather``: reduce-scatter on NCCL, all-to-all on gloo).
+    Every process must call it, and later run backward, the same number of times (the loop runs
+    the same task on every process at each step).
 
     Args:
         x: ``[n, d]``, the same ``n`` on every process (Accelerate's ``even_batches`` ensures it).
@@ -28,16 +36,14 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     Returns:
         ``([world · n, d], rank · n)``: the gathered tensor and the local block's offset.
     """
-    from accelerate.utils import gather
+    from torch.distributed.nn.functional import all_gather
 
     from ..dist import process_state
 
     state = process_state()
     if state.num_processes == 1:
         return x, 0
-    everyone = gather(x.detach().contiguous())
-    n, rank = x.shape[0], state.process_index
-    return torch.cat([everyone[: rank * n], x, everyone[(rank + 1) * n:]]), rank * n
+    return torch.cat(all_gather(x.contiguous())), state.process_index * x.shape[0]
 
 
 def dpr_loss(queries: torch.Tensor, passages: torch.Tensor, gather: bool = True) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Run under 2 processes (torchrun / accelerate launch); writes results to $CHECK_OUT/rank<r>.json.
 
 Checks: the task order is the same on every process; the gathered DPR and InfoNCE losses,
-averaged over processes, equal the single-process losses on the same global batch; a Trainer run
+averaged over processes, equal the single-process losses on the same global batch, and so do their
+gradients (raw embeddings, and a LoRA + visual embedding model on image–text pairs); a Trainer run
 leaves identical tuned parameters on every process and the process group usable afterwards;
 encode_sharded gives the single-process embeddings in input order (counts not divisible by the
 number of processes included), on the main process or on all, and through its cache.
@@ -13,16 +14,54 @@ import sys
 
 import numpy as np
 import torch
-from accelerate.utils import gather
+from accelerate.utils import gather, reduce
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import petune  # noqa: E402
 from conftest import tiny  # noqa: E402
 from petune.dist import process_state  # noqa: E402
-from petune.train import (DPRLoss, RetrievalCollator, Task, Trainer, dpr_loss, info_nce,  # noqa: E402
-                          task_order)
+from petune.train import (DPRLoss, PairCollator, PairLoss, RetrievalCollator, Task, Trainer,  # noqa: E402
+                          dpr_loss, info_nce, task_order)
 from test_embed import CharTokenizer as Tok  # noqa: E402
+
+
+def grad_vs_single_process(q_all, p_all, n_local, rank, world) -> float:
+    """Gradients of the gathered DPR loss, summed over processes (each process's block receives
+    every process's part), equal ``world`` × the single-process gradient of the same global batch."""
+    q = q_all[rank * n_local:(rank + 1) * n_local].clone().requires_grad_(True)
+    p = p_all[rank * 2 * n_local:(rank + 1) * 2 * n_local].clone().requires_grad_(True)
+    dpr_loss(q, p).backward()
+    q1, p1 = q_all.clone().requires_grad_(True), p_all.clone().requires_grad_(True)
+    dpr_loss(q1, p1, gather=False).backward()
+    want_q = q1.grad[rank * n_local:(rank + 1) * n_local]
+    want_p = p1.grad[rank * 2 * n_local:(rank + 1) * 2 * n_local]
+    return max(float((q.grad / world - want_q).abs().max()), float((p.grad / world - want_p).abs().max()))
+
+
+def model_grad_vs_single_process(rank, world) -> tuple[float, float]:
+    """Image–text matching (PairLoss, LoRA + visual embedding): the gradient averaged over processes,
+    as the Trainer does, equals the single-process gradient of the same global batch."""
+    torch.manual_seed(0)
+    tuned = petune.attach(tiny("t5"), "lora")
+    petune.vision.add_visual(tuned, 6)
+    params = list(tuned.tuned_parameters().values())
+    with torch.no_grad():  # LoRA's B starts at zero: move it so every parameter gets a gradient
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    examples = [{"a": "", "image_a": torch.randn(6, generator=g).numpy(), "b": f"text {i} " + "ab" * i}
+                for i in range(4 * world)]
+    collate, loss = PairCollator(Tok(), prefix_a="match: "), PairLoss()
+    loss(tuned, collate(examples[rank * 4:(rank + 1) * 4])).backward()
+    params = [p for p in params if p.grad is not None]  # the decoder's LoRA takes no part in encoding
+    distributed = [reduce(p.grad, "mean") for p in params]
+    for p in params:
+        p.grad = None
+    loss.gather = False
+    loss(tuned, collate(examples)).backward()
+    diff = max(float((d - p.grad).abs().max()) for d, p in zip(distributed, params))
+    return diff, float(sum(p.grad.norm() for p in params))
 
 
 def main():
@@ -47,6 +86,8 @@ def main():
     la = info_nce(a[rank * n_local:(rank + 1) * n_local], b[rank * n_local:(rank + 1) * n_local], torch.tensor(10.0))
     out["nce_mean_over_processes"] = gather(la.reshape(1)).mean().item()
     out["nce_single_process"] = info_nce(a, b, torch.tensor(10.0), gather=False).item()
+    out["dpr_grad_max_diff"] = grad_vs_single_process(q_all, p_all, n_local, rank, world)
+    out["itm_grad_max_diff"], out["itm_grad_norm"] = model_grad_vs_single_process(rank, world)
 
     # a short two-process training run: parameters must stay identical across processes
     torch.manual_seed(100 + rank)  # different random inits per process: the Trainer broadcasts rank 0's
