@@ -9,6 +9,7 @@ freezes everything else and reports what is trainable::
 
 from . import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)
 from .embed import encode, encode_sharded
+from .export import export
 from .io import load, read_config, save
 from .methods.base import Method
 from .registry import get_method, methods, register_method
@@ -17,5 +18,5 @@ from . import vision  # noqa: E402  (after attach: vision builds on it)
 
 __version__ = "0.1.0"
 
-__all__ = ["attach", "encode", "encode_sharded", "register_method", "methods", "get_method", "Method", "TunedModel",
-           "TrainableReport", "save", "load", "read_config", "vision", "__version__"]
+__all__ = ["attach", "encode", "encode_sharded", "export", "register_method", "methods", "get_method", "Method",
+           "TunedModel", "TrainableReport", "save", "load", "read_config", "vision", "__version__"]

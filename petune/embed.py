@@ -117,7 +117,7 @@ def _max_length(model, tokenizer, max_length, n_visual: int = 0):
 
 def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None = None,
            layer_combine: str = "mean", prefix: str = "", max_length: int = 256, batch_size: int = 32,
-           normalize: bool = False, task: str | None = None, progress: bool | None = None,
+           normalize: bool = False, task: str | list[str] | None = None, progress: bool | None = None,
            cache_dir: str | os.PathLike | None = None, images=None) -> np.ndarray:
     """Embed texts (and images) with a (tuned) encoder-decoder: ``[n, d]`` float32, rows in input order.
 
@@ -140,7 +140,10 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
             input + virtual tokens fit the encoder's position embeddings.
         batch_size: texts per forward. Texts are sorted by length and padded per batch.
         normalize: L2-normalise the rows (cosine similarity = inner product).
-        task: the task whose module to use (multi-task tuned models); restored afterwards.
+        task: the task whose module to use (multi-task tuned models); restored afterwards. Or a
+            list, one task per text: each text through its own task's module, mixed in the same
+            batches (:meth:`petune.TunedModel.routed`); equal to encoding each task's texts
+            separately.
         progress: show a tqdm bar; default: when there are more than 10 batches.
         cache_dir: reuse the embeddings stored there when the model weights, tokenizer, texts and
             every option above but ``batch_size`` / ``progress`` are the same (the log says so);
@@ -150,7 +153,8 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
         ``np.ndarray`` of shape ``[len(texts), d]``, dtype float32.
 
     Raises:
-        ValueError: empty ``texts``, bad ``pooling`` / ``layers`` / ``batch_size``, unknown task;
+        ValueError: empty ``texts``, bad ``pooling`` / ``layers`` / ``batch_size``, unknown task,
+            a task list not one per text;
             ``images`` not one per text, or on a model without a visual embedding.
         TypeError: ``texts`` is a string or holds non-strings.
         FloatingPointError: the model produced NaN or inf (names the first bad text).
@@ -162,6 +166,13 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
 
         texts, images = resolve_images(model, texts, images, cache_dir)
     texts = _check_args(texts, pooling, layers, layer_combine, batch_size)
+    per_row = isinstance(task, (list, tuple))
+    if per_row:
+        task = list(task)
+        if len(task) != len(texts):
+            raise ValueError(f"task lists one task per text: got {len(task)} tasks for {len(texts)} texts")
+        if not isinstance(model, TunedModel):
+            raise TypeError("one task per text needs a TunedModel attached with tasks=[...]")
     n_visual = [0] * len(texts)
     if images is not None:
         from .vision.inputs import image_batch, num_regions
@@ -187,14 +198,18 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
     previous = model.active_task if isinstance(model, TunedModel) else None
     model.eval()
     try:
-        if isinstance(model, TunedModel) and task is not None:
+        if isinstance(model, TunedModel) and task is not None and not per_row:
             model.use_task(task)
         with torch.inference_mode():
             for idx in tqdm(batches, desc="encode", unit="batch", disable=not show):
                 padded = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
                 visual = image_batch([images[i] for i in idx], device) if images is not None else None
-                vecs = pool(model, padded["input_ids"].to(device), padded["attention_mask"].to(device),
-                            pooling, layers, layer_combine, images=visual).float()
+                ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
+                if per_row:
+                    vecs = model.routed([task[i] for i in idx], lambda i, m, v: pool(
+                        model, i, m, pooling, layers, layer_combine, images=v), ids, mask, visual).float()
+                else:
+                    vecs = pool(model, ids, mask, pooling, layers, layer_combine, images=visual).float()
                 if normalize:
                     vecs = torch.nn.functional.normalize(vecs, dim=-1)
                 vecs = vecs.cpu().numpy()
@@ -203,7 +218,7 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
                 out[idx] = vecs
     finally:
         model.train(was_training)
-        if isinstance(model, TunedModel) and task is not None and previous is not None:
+        if isinstance(model, TunedModel) and task is not None and not per_row and previous is not None:
             model.use_task(previous)
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
@@ -302,6 +317,10 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
     rows, _ = shard_indices(lengths, state.num_processes, state.process_index)
     if images is not None:
         options["images"] = [images[i] for i in rows]
+    if isinstance(options.get("task"), (list, tuple)):  # one task per text: each process takes its rows' tasks
+        if len(options["task"]) != len(texts):
+            raise ValueError(f"task lists one task per text: got {len(options['task'])} tasks for {len(texts)} texts")
+        options["task"] = [options["task"][i] for i in rows]
     local = encode(model, tokenizer, [texts[i] for i in rows],
                    progress=progress if state.is_main_process else False, **options)
     gathered = gather_rows(local, to_all=gather_to == "all")

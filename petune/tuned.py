@@ -77,24 +77,44 @@ class TunedModel(nn.Module):
         self._parts = {}  # {part name: {module: {name relative to self: Parameter}}}
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, *args, task: str | None = None, images: dict | None = None, **kwargs):
+    def forward(self, *args, task: str | list[str] | None = None, images: dict | None = None, **kwargs):
         """The base model's forward (with the method applied). ``task=`` switches first.
 
         With ``images`` (see :meth:`encoder_states`; needs :func:`petune.vision.add_visual`) the
         encoder reads text and visual tokens, and the base model runs on that encoder output with
         the extended mask (``labels`` / ``decoder_input_ids`` as usual): VL-T5's generative setting.
         ``input_ids`` and ``attention_mask`` must then be keywords.
+
+        ``task`` may be a list, one task per row: each row goes through its own task's module
+        (:meth:`routed`; keyword arguments only, no cache is returned). The loss is then the token
+        mean over the whole batch, as without routing.
         """
+        if isinstance(task, (list, tuple)):
+            if args:
+                raise TypeError("with one task per row, pass the inputs as keyword arguments")
+            kwargs["use_cache"] = False  # caches cannot be split into rows
+            return self.routed(task, self._forward_on_encoder, images=images, **kwargs)
         if task is not None:
             self.use_task(task)
         if images is None:
             return self.model(*args, **kwargs)
+        return self._forward_on_encoder(*args, images=images, **kwargs)
+
+    def _forward_on_encoder(self, *args, images=None, **kwargs):
+        """The base model on petune's encoder output (the method's, with visual tokens if any)."""
         out, mask = self._encode_with_images(args, kwargs, images)
         return self.base_model(encoder_outputs=out, attention_mask=mask, **kwargs)
 
     def generate(self, *args, task: str | None = None, images: dict | None = None, **kwargs):
         """``generate`` of the library's model, or, with ``images``, of the base model on the
-        encoder output with visual tokens (``input_ids`` / ``attention_mask`` as keywords)."""
+        encoder output with visual tokens (``input_ids`` / ``attention_mask`` as keywords).
+
+        Raises:
+            TypeError: ``task`` is a list (generation takes one task per call).
+        """
+        if isinstance(task, (list, tuple)):
+            raise TypeError("generate takes one task per call; group the rows by task, or use "
+                            "tuned(..., task=[...]) / encoder_states(..., task=[...]) for one task per row")
         if task is not None:
             self.use_task(task)
         if images is None:
@@ -104,7 +124,8 @@ class TunedModel(nn.Module):
 
     def _encode_with_images(self, args, kwargs, images):
         if args or "input_ids" not in kwargs or "attention_mask" not in kwargs:
-            raise TypeError("with images, pass input_ids= and attention_mask= as keyword arguments")
+            raise TypeError("with images or one task per row, pass input_ids= and attention_mask= as keyword "
+                            "arguments")
         return self.encoder_output(kwargs.pop("input_ids"), kwargs.pop("attention_mask"), images=images)
 
     def encoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
@@ -113,7 +134,8 @@ class TunedModel(nn.Module):
 
         Args:
             input_ids, attention_mask: ``[batch, seq]``.
-            task: switch to this task first (multi-task models).
+            task: switch to this task first (multi-task models); or a list, one task per row:
+                each row through its own task's module (:meth:`routed`), rows in input order.
             images: visual input ``{"features": [batch, regions, feat_dim], "boxes": [batch,
                 regions, 4], "mask": [batch, regions]}`` (from :func:`petune.vision.image_batch`);
                 needs :func:`petune.vision.add_visual`. Each row's visual tokens follow its text.
@@ -129,10 +151,14 @@ class TunedModel(nn.Module):
         out, mask = self.encoder_output(input_ids, attention_mask, task=task, images=images)
         return out.last_hidden_state, mask
 
-    def encoder_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
-                       output_hidden_states: bool = False, images: dict | None = None):
+    def encoder_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       task: str | list[str] | None = None, output_hidden_states: bool = False,
+                       images: dict | None = None):
         """Like :meth:`encoder_states`, but returns the encoder's ``BaseModelOutput`` (with
         per-layer ``hidden_states`` when ``output_hidden_states``) and the mask."""
+        if isinstance(task, (list, tuple)):
+            return self.routed(task, lambda ids, mask, imgs: self.encoder_output(
+                ids, mask, output_hidden_states=output_hidden_states, images=imgs), input_ids, attention_mask, images)
         if task is not None:
             self.use_task(task)
         if images is None:
@@ -210,6 +236,66 @@ class TunedModel(nn.Module):
         finally:
             if previous is not None:
                 self.use_task(previous)
+
+    def routed(self, tasks: list[str], fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` with each row of the batch through its own task's module.
+
+        Args:
+            tasks: one task name per row (``len(tasks)`` = the batch size of ``args`` / ``kwargs``).
+            fn: the call to route; it must not switch tasks itself.
+            args, kwargs: its inputs; every tensor whose first dimension is the batch is split by
+                row (image dicts and other nestings included).
+
+        Rows are grouped by module (stable), ``fn`` runs once under the method's mixed-batch
+        mechanism (:meth:`petune.Method.route`: peft's ``adapter_names`` for LoRA, the adapters
+        library's ``BatchSplit``, per-row prompts) or, where the method has none, once per
+        module's rows; results return in input order. Equal, within float tolerance, to running
+        each task's rows separately.
+
+        Raises:
+            ValueError: ``tasks`` not one per row, or an unknown task.
+            NotImplementedError: the method does not support per-example routing
+                (``Method.routing`` is ``None``) and the rows need several modules.
+        """
+        from .routing import concat_rows, group_rows, take_rows, tensors_in
+
+        modules = [self.module_for(t) for t in tasks]
+        batch = len(tasks)
+        rows = {t.shape[0] for t in tensors_in((args, kwargs)) if t.dim()}
+        if batch not in rows:
+            raise ValueError(f"task lists one task per row: got {batch} tasks for a batch of {sorted(rows)} rows")
+        if len(set(modules)) == 1:
+            with self.task(tasks[0]):
+                return fn(*args, **kwargs)
+        if self.method.routing is None:
+            raise NotImplementedError(f"method {self.method.name!r} does not support one task per row; call it "
+                                      "once per task (or set routing = 'split' on the Method if activate() "
+                                      "switches modules)")
+        order, groups = group_rows(modules)
+        index = torch.tensor(order)
+        inputs = take_rows((args, kwargs), index, batch)
+        previous = self.active_task
+        row_modules = [m for m, n in groups for _ in range(n)]
+        per_task_visual = self.petune_visual is not None and self.visual_options["per_task"]
+        try:  # one visual embedding per task: the rows' visual tokens come from different modules, so split
+            native = None if per_task_visual else self.method.route(self.model, row_modules)
+            if native is not None:
+                with native:
+                    out = fn(*inputs[0], **inputs[1])
+            else:
+                parts, sizes, start = [], [], 0
+                labels = inputs[1].get("labels")
+                for module, n in groups:
+                    part = torch.arange(start, start + n)
+                    self.use_task(next(t for t, m in zip(tasks, modules) if m == module))
+                    sub_args, sub_kwargs = take_rows(inputs, part, batch)
+                    parts.append(fn(*sub_args, **sub_kwargs))
+                    sizes.append(int((labels[start:start + n] != -100).sum()) if torch.is_tensor(labels) else n)
+                    start += n
+                out = concat_rows(parts, sizes)
+        finally:
+            self.use_task(previous)
+        return take_rows(out, torch.argsort(index), batch)
 
     # -- parameters ------------------------------------------------------------------------
     def tuned_parameters(self, module: str | None = None) -> dict[str, nn.Parameter]:

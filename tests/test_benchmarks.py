@@ -37,6 +37,19 @@ def test_overhead_quick(tmp_path):
         assert r["verdict"] in ("met", "not met", "undecided")
 
 
+def test_routing_quick(tmp_path):
+    """benchmarks/routing.py --quick: routing and export ratios for every method (embeddings are
+    checked equal inside the script before any timing)."""
+    out = tmp_path / "routing.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--quick", "--output", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    methods = json.loads(out.read_text())["methods"]
+    assert set(methods) == {"LoRA r=8", "(IA)^3", "prompt tuning", "adapter"}
+    assert all(0 < m["routing"]["low"] <= m["routing"]["ratio"] <= m["routing"]["high"] for m in methods.values())
+    assert {n for n, m in methods.items() if "export" in m} == {"LoRA r=8", "(IA)^3"}
+
+
 def test_stats_interval_and_verdict():
     import sys
 

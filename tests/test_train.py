@@ -13,7 +13,7 @@ import petune
 from conftest import tiny
 from petune.train import (ClassificationCollator, ClassificationLoss, DPRLoss, MultiTaskLoader, PairCollator,
                           PairLoss, RetrievalCollator, Seq2SeqCollator, Seq2SeqLoss, Task, Trainer, dpr_loss,
-                          task_order)
+                          false_negatives, task_order, text_key)
 from test_embed import CharTokenizer as Tok
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +72,63 @@ def test_dpr_loss_by_hand():
         dpr_loss(q, p[:3])
 
 
+def test_text_key_is_stable_across_processes():
+    # Python's hash() is salted per process; the key must not be (processes compare keys)
+    assert text_key("Python.") == 4675728842040909187
+    assert 0 <= text_key("") < 2 ** 63 and text_key("a") != text_key("b")
+
+
+def test_collator_keys_and_false_negatives():
+    examples = [{"query": "What language?", "positive": "Python.", "negatives": ["Sort of."]},
+                {"query": "What language?", "positive": "I am written in Python.", "negatives": ["No."]},
+                {"query": "Are you sentient?", "positive": "Sort of.", "negatives": ["Python."],
+                 "relevant": ["Sort of.", "Even though I'm a construct..."]},
+                {"query": "Who are you?", "positive": "A bot.", "negatives": ["Even though I'm a construct..."],
+                 "relevant": []}]
+    batch = RetrievalCollator(Tok())(examples)
+    assert batch["passage_keys"].tolist() == [text_key(t) for t in ["Python.", "Sort of.", "I am written in Python.",
+                                                                    "No.", "Sort of.", "Python.", "A bot.",
+                                                                    "Even though I'm a construct..."]]
+    assert batch["relevant_keys"].shape == (4, 2) and batch["relevant_keys"][0, 1] == -1
+    false = false_negatives(batch["query_keys"], batch["query_keys"], batch["passage_keys"], batch["relevant_keys"])
+    assert false.tolist() == [
+        # same question, other answer (column 2) is relevant; its own positive (0) and the
+        # "Python." hard negative of query 2 (5, same text as its positive) too
+        [True, False, True, False, False, True, False, False],
+        [True, False, True, False, False, False, False, False],
+        # its listed relevant text, given as query 0's hard negative (1), and as query 3's (7)
+        [False, True, False, False, True, False, False, True],
+        [False, False, False, False, False, False, True, False]]
+
+
+def test_dpr_loss_leaves_false_negatives_out():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0], [0.5, 0.0]])
+    false = torch.tensor([[True, False, False, True], [False, False, True, False]])  # p3 is relevant to q0
+    scores = q @ p.T
+    kept0 = torch.log_softmax(scores[0, :3], 0)[0]  # q0 without p3
+    expected = -(kept0 + torch.log_softmax(scores, 1)[1, 2]) / 2
+    torch.testing.assert_close(dpr_loss(q, p, false_negative=false), expected)
+    assert dpr_loss(q, p, false_negative=false) < dpr_loss(q, p)
+
+
+def test_dpr_loss_masks_duplicate_answers_on_a_model():
+    """Two examples of one question with two answers: with the mask, neither answer is the
+    other's negative, so the loss equals the loss of a batch without the duplicate question."""
+    tuned = petune.attach(tiny("t5"), "lora")
+    both = [{"query": "q same", "positive": "answer one"}, {"query": "q same", "positive": "answer two"},
+            {"query": "q other", "positive": "third passage"}]
+    collate = RetrievalCollator(Tok())
+    masked, plain = DPRLoss()(tuned, collate(both)), DPRLoss(mask_false_negatives=False)(tuned, collate(both))
+    q = petune.embed.pool_inputs(tuned, collate(both)["query"], "mean")
+    p = petune.embed.pool_inputs(tuned, collate(both)["passages"], "mean")
+    s = q @ p.T
+    by_hand = -(torch.log_softmax(s[0, [0, 2]], 0)[0] + torch.log_softmax(s[1, [1, 2]], 0)[0]
+                + torch.log_softmax(s[2], 0)[2]) / 3
+    torch.testing.assert_close(masked, by_hand)
+    assert plain > masked
+
+
 @pytest.mark.multiproc
 def test_two_processes_agree(tmp_path):
     """torchrun --nproc_per_node 2: same task order, gathered losses and their gradients equal
@@ -86,6 +143,7 @@ def test_two_processes_agree(tmp_path):
     assert r0["order"] == r1["order"]
     assert r0["dpr_mean_over_processes"] == pytest.approx(r0["dpr_single_process"], rel=1e-6)
     assert r0["nce_mean_over_processes"] == pytest.approx(r0["nce_single_process"], rel=1e-6)
+    assert r0["masked_mean_over_processes"] == pytest.approx(r0["masked_single_process"], rel=1e-6)
     assert r0["dpr_local_grad_nonzero"] and r1["dpr_local_grad_nonzero"]
     # gathered copies send their gradient home: N processes give the single-process gradient
     assert r0["dpr_grad_max_diff"] < 1e-6 and r1["dpr_grad_max_diff"] < 1e-6
@@ -100,6 +158,7 @@ def test_two_processes_agree(tmp_path):
         assert worker["main_is_none"]
         assert main["all_rows"] == worker["all_rows"] == int(n)
         assert main["all_max_diff"] < 1e-5 and worker["all_max_diff"] < 1e-5
+    assert r0["routed_max_diff"] < 1e-5 and r1["routed_max_diff"] < 1e-5
     assert r0["cache_files"] == 1 and r0["cached_equal"] and r1["cached_equal"]
 
 

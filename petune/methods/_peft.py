@@ -10,6 +10,7 @@ class PeftMethod(Method):
     """Wraps ``peft.get_peft_model``: one peft adapter per module name, switched with ``set_adapter``."""
 
     library = "peft"
+    routing = "split"  # peft mixes adapters in one batch for LoRA only (see LoRA.route)
     #: parameter-name parts that peft puts right before the adapter name
     markers: tuple[str, ...] = ()
 
@@ -37,6 +38,15 @@ class PeftMethod(Method):
 
     def activate(self, model, module):
         model.set_adapter(module)
+
+    def merged(self, model, module):
+        """peft's ``merge_and_unload`` of ``module`` on a copy: the update folded into the weights
+        (LoRA: ``W + (alpha / r) · B A``; (IA)^3: the scaling vectors multiplied in)."""
+        import copy
+
+        clone = copy.deepcopy(model)
+        clone.set_adapter(module)
+        return clone.merge_and_unload(adapter_names=[module])
 
 
 def positive_int(name: str, value) -> int:

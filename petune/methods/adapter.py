@@ -3,6 +3,7 @@ where it supports the architecture, else petune's own bottleneck (:mod:`petune.m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -51,6 +52,7 @@ class BottleneckAdapter(Method):
     """
 
     library = "adapters"
+    routing = "native"  # the adapters library's BatchSplit, or petune's hooks per row
 
     def __init__(self, d=None, reduction_factor=None, placement="pfeiffer", non_linearity="relu"):
         if (d is None) == (reduction_factor is None):
@@ -135,3 +137,33 @@ class BottleneckAdapter(Method):
             self.hooks.active = module
         else:
             model.set_active_adapters(module)
+
+    def merged(self, model, module):
+        raise ValueError("bottleneck adapters are non-linear layers that no transformers architecture has, so they "
+                         "cannot be merged into the weights or loaded by plain transformers; save with "
+                         "petune.save(tuned, path) and load with petune.load(model, path) (the adapters library "
+                         "can also load them: model.save_adapter / load_adapter), or use LoRA / (IA)^3, which export "
+                         "merged")
+
+    @contextlib.contextmanager
+    def route(self, model, row_modules):
+        """Rows arrive grouped by module: the adapters library's ``BatchSplit`` over the groups'
+        sizes, or petune's bottleneck hooks applying each module to its rows."""
+        groups = {}
+        for m in row_modules:
+            groups[m] = groups.get(m, 0) + 1
+        if self.library == "petune":
+            self.hooks.row_modules = list(row_modules)
+            try:
+                yield
+            finally:
+                self.hooks.row_modules = None
+            return
+        from adapters.composition import BatchSplit
+
+        previous = model.active_adapters
+        model.set_active_adapters(BatchSplit(*groups, batch_sizes=list(groups.values())))
+        try:
+            yield
+        finally:
+            model.set_active_adapters(previous)

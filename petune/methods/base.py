@@ -23,7 +23,10 @@ class Method:
     - ``module_of(param_name)`` — the module a parameter belongs to, ``None`` for base parameters;
     - ``activate(model, module)`` — make ``module`` the one used by the next forward;
     - ``encoder_output(model, input_ids, attention_mask, output_hidden_states)`` — if the method
-      changes what the encoder sees (prompt tuning).
+      changes what the encoder sees (prompt tuning);
+    - optionally ``routing`` / ``route(model, row_modules)`` — one task per row in one call
+      (:meth:`petune.TunedModel.routed`), and ``merged(model, module)`` — a plain transformers
+      model for :func:`petune.export`.
 
     ``attach`` is called with every base parameter already frozen; petune then marks exactly the
     parameters for which ``module_of`` names a module as trainable.
@@ -35,6 +38,10 @@ class Method:
     per_task: ClassVar[bool] = True
     #: False for methods that add no parameters of their own (``"none"``).
     adds_parameters: ClassVar[bool] = True
+    #: Per-example task routing (:meth:`petune.TunedModel.routed`): ``"native"`` (:meth:`route`
+    #: gives a mixed-batch mechanism), ``"split"`` (petune runs each module's rows separately,
+    #: switching with :meth:`activate`), or ``None``: not supported, a clear error.
+    routing: ClassVar[str | None] = None
 
     def __init__(self, **options):
         self.options = dict(options)
@@ -50,6 +57,23 @@ class Method:
 
     def activate(self, model: nn.Module, module: str) -> None:
         pass
+
+    def route(self, model: nn.Module, row_modules: list[str]):
+        """A context manager under which one forward sends row ``i`` through ``row_modules[i]``
+        (rows arrive grouped by module), or ``None`` to have petune run each module's rows
+        separately. The default: ``None``."""
+        return None
+
+    def merged(self, model: nn.Module, module: str) -> nn.Module:
+        """A plain Hugging Face model computing what ``model`` computes with ``module`` active,
+        for :func:`petune.export`; ``model`` itself must stay usable (work on a copy).
+
+        Raises:
+            ValueError: the method cannot be expressed in the base architecture's own weights
+                (the message says what to use instead).
+        """
+        raise ValueError(f"method {self.name!r} cannot be exported to a plain transformers model; save it with "
+                         "petune.save(tuned, path) and load it with petune.load(model, path)")
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The Hugging Face model underneath whatever ``attach`` returned."""

@@ -46,6 +46,7 @@ class BottleneckHooks:
 
     def __init__(self, model: nn.Module, places: dict[str, int], modules: list[str], d: int, non_linearity: str):
         self.active: str | None = modules[0]
+        self.row_modules: list[str] | None = None  # one module per row of the batch (per-example routing)
         self.slots = {path: path.replace(".", "-") for path in places}  # ModuleDict keys cannot hold dots
         container = nn.ModuleDict({m: nn.ModuleDict({self.slots[p]: Bottleneck(width, d, non_linearity)
                                                       for p, width in places.items()}) for m in modules})
@@ -57,9 +58,19 @@ class BottleneckHooks:
 
     def _hook(self, slot: str):
         def hook(module, args, output):
-            bottleneck = self.container[self.active][slot]
-            if isinstance(output, tuple):  # mixture-of-experts blocks return (states, router outputs)
-                return (bottleneck(output[0]),) + output[1:]
-            return bottleneck(output)
+            states = output[0] if isinstance(output, tuple) else output  # MoE blocks: (states, router outputs)
+            if self.row_modules is None:
+                states = self.container[self.active][slot](states)
+            else:
+                states = self._per_row(states, slot)
+            return (states,) + output[1:] if isinstance(output, tuple) else states
 
         return hook
+
+    def _per_row(self, states: torch.Tensor, slot: str) -> torch.Tensor:
+        """``[batch, seq, d]`` with row ``i`` through ``row_modules[i]``'s bottleneck."""
+        out = torch.empty_like(states)
+        for m in dict.fromkeys(self.row_modules):
+            rows = torch.tensor([i for i, r in enumerate(self.row_modules) if r == m], device=states.device)
+            out[rows] = self.container[m][slot](states[rows])
+        return out

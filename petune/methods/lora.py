@@ -41,6 +41,17 @@ class LoRA(PeftMethod):
         if self.options["target_modules"] is None:
             self.options["target_modules"] = default_targets(model, "lora")["target_modules"]
 
+    routing = "native"
+
+    def route(self, model, row_modules):
+        """peft's mixed-batch LoRA (``adapter_names``, one adapter per row), in eval mode; peft
+        refuses it in training mode, where petune runs each task's rows separately instead."""
+        if model.training:
+            return None
+        # the context PeftModel.forward opens for adapter_names=...; entered directly so that the
+        # encoder alone can be called under it
+        return model._enable_peft_forward_hooks(adapter_names=list(row_modules))
+
     def peft_config(self, model):
         from peft import LoraConfig
 

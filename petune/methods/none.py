@@ -26,3 +26,6 @@ class NoMethod(Method):
 
     def module_of(self, param_name):
         return None
+
+    def merged(self, model, module):
+        return model  # nothing attached: the base model is what export writes

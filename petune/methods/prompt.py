@@ -3,6 +3,7 @@ from peft, with the soft prompt prepended to the encoder input only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -36,6 +37,8 @@ class PromptTuning(PeftMethod):
     """
 
     markers = ("prompt_encoder",)
+    routing = "native"  # per-row prompts in one forward
+    _row_modules: list[str] | None = None
 
     def __init__(self, num_virtual_tokens=20, init_text=None, tokenizer=None):
         positive_int("num_virtual_tokens", num_virtual_tokens)
@@ -65,6 +68,29 @@ class PromptTuning(PeftMethod):
     def prefix_length(self) -> int:
         return self.options["num_virtual_tokens"]
 
+    def merged(self, model, module):
+        raise ValueError("a soft prompt is not part of any transformers architecture, so plain transformers cannot "
+                         "load it; save with petune.save(tuned, path) and load with petune.load(model, path), or use "
+                         "LoRA / (IA)^3, which export merged")
+
+    @contextlib.contextmanager
+    def route(self, model, row_modules):
+        """Each row gets its own module's virtual tokens (the decoder has no prompt)."""
+        self._row_modules = list(row_modules)
+        try:
+            yield
+        finally:
+            self._row_modules = None
+
+    def _prompts(self, model, batch: int, device) -> torch.Tensor:
+        """``[batch, n_virtual, d_model]``: the active prompt, or under :meth:`route` each row's own."""
+        if self._row_modules is None:
+            return model.get_prompt(batch_size=batch)
+        n_virtual = self.options["num_virtual_tokens"]
+        own = {m: model.prompt_encoder[m](model.prompt_tokens[m][:n_virtual].unsqueeze(0).to(device))
+               for m in dict.fromkeys(self._row_modules)}
+        return torch.cat([own[m] for m in self._row_modules])
+
     def encoder_output(self, model, input_ids, attention_mask, output_hidden_states=False, visual=None):
         """Encoder output with the prompt, as peft's forward builds it.
 
@@ -78,7 +104,7 @@ class PromptTuning(PeftMethod):
         embeds = model.word_embeddings(input_ids)
         if visual is not None:
             embeds, attention_mask = join_tokens(embeds, attention_mask, *visual)
-        prompts = model.get_prompt(batch_size=batch).to(embeds.dtype)
+        prompts = self._prompts(model, batch, embeds.device).to(embeds.dtype)
         n_virtual = model.active_peft_config.num_virtual_tokens
         embeds = torch.cat([prompts[:, :n_virtual], embeds], dim=1)
         prefix = torch.ones(batch, n_virtual, dtype=attention_mask.dtype, device=attention_mask.device)

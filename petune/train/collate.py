@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
+
+#: pads ``relevant_keys`` (text keys are non-negative)
+NO_KEY = -1
+
+
+def text_key(text: str) -> int:
+    """A stable 63-bit key of a text (BLAKE2b; Python's ``hash`` differs between processes)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
 def _tokenize(tokenizer, texts, max_length, examples=None, image_key=None):
@@ -21,6 +31,12 @@ class RetrievalCollator:
     """``{"query": str, "positive": str, "negatives": [str, ...]}`` examples → ``{"query", "passages"}``
     with passages grouped per query (relevant first), as :func:`petune.train.losses.dpr_loss` expects.
 
+    The batch also carries text keys (:func:`text_key`) with which :class:`DPRLoss` removes false
+    negatives: ``"query_keys"`` ``[N]``, ``"passage_keys"`` ``[N · M]`` and ``"relevant_keys"``
+    ``[N, R]`` (padded with :data:`NO_KEY`): each query's positive plus the texts of its optional
+    ``"relevant"`` list — every passage relevant to the query, e.g. all answers of a question
+    with several, so that none of them counts as its in-batch negative.
+
     Multimodal queries (question + image → passage): an example's ``"image"`` (features, see
     :func:`petune.vision.regions`, or ``None``) joins its query as visual tokens.
 
@@ -38,9 +54,15 @@ class RetrievalCollator:
         if len(counts) > 1:
             raise ValueError(f"every example of a batch needs the same number of negatives, got {sorted(counts)}")
         passages = [self.passage_prefix + p for e in examples for p in [e["positive"], *e.get("negatives", [])]]
-        return {"query": _tokenize(self.tokenizer, [self.query_prefix + e["query"] for e in examples], self.qlen,
-                                   examples, "image"),
-                "passages": _tokenize(self.tokenizer, passages, self.plen)}
+        queries = [self.query_prefix + e["query"] for e in examples]
+        relevant = [sorted({text_key(self.passage_prefix + p) for p in [e["positive"], *e.get("relevant", [])]})
+                    for e in examples]
+        width = max(map(len, relevant))
+        return {"query": _tokenize(self.tokenizer, queries, self.qlen, examples, "image"),
+                "passages": _tokenize(self.tokenizer, passages, self.plen),
+                "query_keys": torch.tensor([text_key(q) for q in queries]),
+                "passage_keys": torch.tensor([text_key(p) for p in passages]),
+                "relevant_keys": torch.tensor([r + [NO_KEY] * (width - len(r)) for r in relevant])}
 
 
 class PairCollator:

@@ -46,7 +46,42 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(all_gather(x.contiguous())), state.process_index * x.shape[0]
 
 
-def dpr_loss(queries: torch.Tensor, passages: torch.Tensor, gather: bool = True) -> torch.Tensor:
+def gather_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Every process's ``keys`` (integer tensor, same shape everywhere) concatenated in rank order."""
+    from accelerate.utils import gather
+
+    from ..dist import process_state
+
+    return keys if process_state().num_processes == 1 else gather(keys.contiguous())
+
+
+def false_negatives(query_keys: torch.Tensor, all_query_keys: torch.Tensor, all_passage_keys: torch.Tensor,
+                    relevant_keys: torch.Tensor) -> torch.Tensor:
+    """Which candidate passages of :func:`dpr_loss` are relevant to a query although they are not
+    its own positive: ``[N, P]`` bool over the ``P`` (gathered) passages; its own positive is
+    marked too (:func:`dpr_loss` keeps it).
+
+    A passage is a false negative of query ``i`` when its text is one of ``i``'s relevant texts
+    (a duplicate of its positive, another answer of the same question, another query's hard
+    negative that is ``i``'s positive) or when it is the positive of a query with the same text as
+    ``i`` (one question with several answers gives several examples). Texts are compared by key
+    (:func:`petune.train.collate.text_key`), as DPR's data removes duplicate passages.
+
+    Args:
+        query_keys: ``[N]``, the local queries' keys.
+        all_query_keys: ``[Q]``, every process's query keys in rank order.
+        all_passage_keys: ``[Q · M]``, every process's passage keys, ``M`` per query, positive first.
+        relevant_keys: ``[N, R]``, the local queries' relevant keys, padded with a negative value.
+    """
+    m = all_passage_keys.shape[0] // all_query_keys.shape[0]
+    relevant = (all_passage_keys.view(1, -1, 1) == relevant_keys.unsqueeze(1)).any(-1)
+    positive = torch.arange(all_passage_keys.shape[0], device=all_passage_keys.device) % m == 0
+    same_query = all_query_keys.repeat_interleave(m).view(1, -1) == query_keys.view(-1, 1)
+    return relevant | (positive & same_query)
+
+
+def dpr_loss(queries: torch.Tensor, passages: torch.Tensor, gather: bool = True,
+             false_negative: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """DPR contrastive loss (Karpukhin et al., 2020) with in-batch and hard negatives.
 
     Args:
@@ -54,9 +89,13 @@ def dpr_loss(queries: torch.Tensor, passages: torch.Tensor, gather: bool = True)
         passages: ``[N · M, d]`` grouped by query: rows ``i·M … i·M+M-1`` belong to query ``i``,
             the first relevant, the other ``M-1`` its hard negatives. Every other query's passages
             are in-batch negatives (from every process when ``gather``).
+        false_negative: optional ``[N, world · N · M]`` bool, candidates relevant to the query
+            besides its own positive (:func:`false_negatives`): left out of its softmax.
+        scale: ``None`` scores by inner product (DPR); a number scores by cosine similarity times
+            ``scale`` (sentence-transformers' MultipleNegativesRankingLoss, scale 20 = temperature 0.05).
 
     Returns:
-        ``NLLLoss(mean)`` of ``log_softmax`` over the ``[N, world · N · M]`` inner-product matrix.
+        ``NLLLoss(mean)`` of ``log_softmax`` over the ``[N, world · N · M]`` score matrix.
 
     Raises:
         ValueError: ``passages`` rows are not a multiple of ``queries`` rows.
@@ -65,9 +104,15 @@ def dpr_loss(queries: torch.Tensor, passages: torch.Tensor, gather: bool = True)
     if n == 0 or passages.shape[0] % n:
         raise ValueError(f"passages ({passages.shape[0]} rows) must hold M rows per query ({n} queries)")
     m = passages.shape[0] // n
+    if scale is not None:
+        queries, passages = F.normalize(queries, dim=-1), F.normalize(passages, dim=-1)
     everyone, offset = gather_with_grad(passages) if gather else (passages, 0)
-    scores = queries @ everyone.T
+    scores = queries @ everyone.T if scale is None else scale * queries @ everyone.T
     labels = offset + torch.arange(n, device=queries.device) * m
+    if false_negative is not None:
+        keep = ~false_negative
+        keep[torch.arange(n, device=keep.device), labels] = True
+        scores = scores.masked_fill(~keep, float("-inf"))
     return F.nll_loss(F.log_softmax(scores, dim=1), labels)
 
 
@@ -95,16 +140,28 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, gather: bool
 
 class DPRLoss(nn.Module):
     """Task loss for retrieval batches ``{"query": {input_ids, attention_mask}, "passages": {...}}``
-    (from :class:`petune.train.collate.RetrievalCollator`): pool both, then :func:`dpr_loss`."""
+    (from :class:`petune.train.collate.RetrievalCollator`): pool both, then :func:`dpr_loss`.
 
-    def __init__(self, pooling: str = "mean", gather: bool = True):
+    With ``mask_false_negatives`` (default) and the collator's text keys in the batch, in-batch and
+    hard negatives that are relevant to the query (:func:`false_negatives`) are left out of its
+    softmax instead of being pushed away. ``scale``: see :func:`dpr_loss` (``None``: inner product;
+    score the tuned model the same way, ``encode(..., normalize=True)`` when a scale is given).
+    """
+
+    def __init__(self, pooling: str = "mean", gather: bool = True, mask_false_negatives: bool = True,
+                 scale: float | None = None):
         super().__init__()
-        self.pooling, self.gather = pooling, gather
+        self.pooling, self.gather, self.mask_false_negatives, self.scale = pooling, gather, mask_false_negatives, scale
 
     def forward(self, model, batch):
         q = pool_inputs(model, batch["query"], self.pooling)
         p = pool_inputs(model, batch["passages"], self.pooling)
-        return dpr_loss(q, p, self.gather)
+        mask = None
+        if self.mask_false_negatives and "relevant_keys" in batch:
+            everyone = gather_keys if self.gather else (lambda keys: keys)
+            mask = false_negatives(batch["query_keys"], everyone(batch["query_keys"]),
+                                   everyone(batch["passage_keys"]), batch["relevant_keys"])
+        return dpr_loss(q, p, self.gather, mask, self.scale)
 
 
 class PairLoss(nn.Module):

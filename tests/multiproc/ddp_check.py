@@ -1,11 +1,13 @@
 """Run under 2 processes (torchrun / accelerate launch); writes results to $CHECK_OUT/rank<r>.json.
 
 Checks: the task order is the same on every process; the gathered DPR and InfoNCE losses,
-averaged over processes, equal the single-process losses on the same global batch, and so do their
+averaged over processes, equal the single-process losses on the same global batch (with false
+negatives found across processes too), and so do their
 gradients (raw embeddings, and a LoRA + visual embedding model on image–text pairs); a Trainer run
 leaves identical tuned parameters on every process and the process group usable afterwards;
 encode_sharded gives the single-process embeddings in input order (counts not divisible by the
-number of processes included), on the main process or on all, and through its cache.
+number of processes included), on the main process or on all, with one task per text, and
+through its cache.
 """
 
 import json
@@ -22,7 +24,7 @@ import petune  # noqa: E402
 from conftest import tiny  # noqa: E402
 from petune.dist import process_state  # noqa: E402
 from petune.train import (DPRLoss, PairCollator, PairLoss, RetrievalCollator, Task, Trainer,  # noqa: E402
-                          dpr_loss, info_nce, task_order)
+                          dpr_loss, false_negatives, info_nce, task_order)
 from test_embed import CharTokenizer as Tok  # noqa: E402
 
 
@@ -37,6 +39,22 @@ def grad_vs_single_process(q_all, p_all, n_local, rank, world) -> float:
     want_q = q1.grad[rank * n_local:(rank + 1) * n_local]
     want_p = p1.grad[rank * 2 * n_local:(rank + 1) * 2 * n_local]
     return max(float((q.grad / world - want_q).abs().max()), float((p.grad / world - want_p).abs().max()))
+
+
+def masked_vs_single_process(q_all, p_all, n_local, rank, world) -> tuple[float, float]:
+    """False negatives found across processes: query 0 (rank 0) and the first query of the last
+    rank share their text, so each one's positive is the other's false negative."""
+    n, m = world * n_local, p_all.shape[0] // (world * n_local)
+    query_keys = torch.arange(n) + 100
+    query_keys[-n_local] = 100
+    passage_keys = torch.arange(n * m) + 1000
+    relevant = passage_keys[::m].view(-1, 1)
+    mine, rows = slice(rank * n_local, (rank + 1) * n_local), slice(rank * n_local * m, (rank + 1) * n_local * m)
+    local = dpr_loss(q_all[mine], p_all[rows], false_negative=false_negatives(
+        query_keys[mine], gather(query_keys[mine]), gather(passage_keys[rows]), relevant[mine]))
+    single = dpr_loss(q_all, p_all, gather=False,
+                      false_negative=false_negatives(query_keys, query_keys, passage_keys, relevant))
+    return gather(local.detach().reshape(1)).mean().item(), single.item()
 
 
 def model_grad_vs_single_process(rank, world) -> tuple[float, float]:
@@ -64,6 +82,18 @@ def model_grad_vs_single_process(rank, world) -> tuple[float, float]:
     return diff, float(sum(p.grad.norm() for p in params))
 
 
+def routed_sharded_vs_single_process(texts) -> float:
+    """encode_sharded with one task per text: each process takes its rows' tasks."""
+    torch.manual_seed(5)
+    tuned = petune.attach(tiny("t5"), "lora", tasks=["p", "q"])
+    with torch.no_grad():
+        for p in tuned.tuned_parameters().values():
+            p.add_(0.3 * torch.randn_like(p))
+    rows = ["p", "q", "q", "p", "q", "p", "p"][:len(texts)]
+    everywhere = petune.encode_sharded(tuned, Tok(), texts, task=rows, gather_to="all")
+    return float(np.abs(everywhere - petune.encode(tuned, Tok(), texts, task=rows)).max())
+
+
 def main():
     state = process_state()
     rank, world = state.process_index, state.num_processes
@@ -87,6 +117,8 @@ def main():
     out["nce_mean_over_processes"] = gather(la.reshape(1)).mean().item()
     out["nce_single_process"] = info_nce(a, b, torch.tensor(10.0), gather=False).item()
     out["dpr_grad_max_diff"] = grad_vs_single_process(q_all, p_all, n_local, rank, world)
+    out["masked_mean_over_processes"], out["masked_single_process"] = masked_vs_single_process(
+        q_all, p_all, n_local, rank, world)
     out["itm_grad_max_diff"], out["itm_grad_norm"] = model_grad_vs_single_process(rank, world)
 
     # a short two-process training run: parameters must stay identical across processes
@@ -111,6 +143,7 @@ def main():
                              "main_max_diff": None if main is None else float(np.abs(main - full[:n]).max()),
                              "main_rows": None if main is None else len(main),
                              "all_max_diff": float(np.abs(everywhere - full[:n]).max()), "all_rows": len(everywhere)}
+    out["routed_max_diff"] = routed_sharded_vs_single_process(texts)
     cache = os.path.join(os.environ["CHECK_OUT"], "cache")
     first = petune.encode_sharded(tuned, Tok(), texts, cache_dir=cache, gather_to="all")
     second = petune.encode_sharded(tuned, Tok(), texts, cache_dir=cache, gather_to="all")
