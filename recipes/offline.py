@@ -1,17 +1,21 @@
 """The offline real-data job: multi-task tuning of a real encoder-decoder on BBC News and ChatterBot.
 
-    accelerate launch recipes/offline.py [--method adapter] [--quick]      (or: python recipes/offline.py)
+    python recipes/offline.py [--method adapter] [--quick]
+    accelerate launch --multi_gpu --num_processes N recipes/offline.py     (several processes)
 
 Tasks, trained together by petune's round-robin loop:
   news   BBC News headline → article retrieval (DPR loss: in-batch + one BM25 hard negative)
   topic  BBC News topic classification (cross-entropy head on pooled encoder states)
   qa     ChatterBot question → answer retrieval (DPR loss: in-batch + one BM25 hard negative)
+Retrieval scores by cosine similarity (scale 20 in the loss) unless --similarity dot; the
+defaults were chosen on the validation split (recipes/SWEEP.md, python recipes/sweep.py).
 
 Splits are fixed by --split-seed (80 / 10 / 10): BBC by article, ChatterBot by question. Test
 queries search the whole collection (all BBC articles / all answers). After training the job
 scores the test split (--eval-split val: the validation split, for choosing settings) — frozen
 model vs BM25 vs tuned model (ranx; Fisher's randomization test, p ≤ 0.01) and kNN topic
-accuracy / macro-F1 (frozen vs tuned) — writes report.md / report.json and saves the tuned
+accuracy / macro-F1 (frozen vs tuned), plus BM25 + tuned fused by reciprocal rank fusion as an
+extra row — writes report.md / report.json and saves the tuned
 parameters (petune.save) in --output-dir. Training masks false negatives: other answers of the
 same question are never pushed away as its in-batch or hard negatives.
 
@@ -54,13 +58,13 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="seq2seq model name or path (default: the packaged MiniLM BERT2BERT)")
     add_method_args(parser)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per batch (every task)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (init, dropout, shuffles)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/val/test splits")
     parser.add_argument("--body-chars", type=int, default=1000, help="BBC bodies are cut to this many characters")
     parser.add_argument("--train-passage-length", type=int, default=128, help="passage tokens during training")
     parser.add_argument("--hard-negatives", type=int, default=1, help="BM25 hard negatives per training example")
-    parser.add_argument("--similarity", default="dot", choices=["dot", "cosine"],
+    parser.add_argument("--similarity", default="cosine", choices=["dot", "cosine"],
                         help="dot: inner product (DPR); cosine: normalised embeddings, scores times --scale in "
                         "the loss (sentence-transformers' MultipleNegativesRankingLoss); used in training and scoring")
     parser.add_argument("--scale", type=float, default=20.0, help="cosine scale in the loss (1 / temperature)")
@@ -196,15 +200,27 @@ def test_queries(data, name):
     return [f"q-{a}" for a in data["splits"]["news"][split]] if name == "news" else data["splits"]["qa"][split]
 
 
-def score(data, systems: dict[str, dict]):
-    """Compare systems (``{name: evaluate_model(...)}``) with BM25 on the --eval-split.
+def fused_name(system: str) -> str:
+    return f"BM25 + {system}, RRF"
+
+
+def score(data, systems: dict[str, dict], fuse_with_bm25: str | None = None):
+    """Compare systems (``{name: evaluate_model(...)}``) with BM25 on the --eval-split; with
+    ``fuse_with_bm25``, also that system fused with BM25 by reciprocal rank fusion (ranx, k=60),
+    as an extra row named :func:`fused_name`.
 
     Returns ``(results, markdown sections)``; Fisher's randomization test, p ≤ 0.01."""
+    from ranx import fuse
+
     results, sections = {}, []
     for name, collection in (("news", data["news"]), ("qa", data["chat"])):
         test = collection.subset(test_queries(data, name))
         runs = {"BM25": data["bm25"][name].search(test.queries, k=100)}
         runs.update({system: result[name] for system, result in systems.items()})
+        if fuse_with_bm25 is not None:
+            fused = fuse([runs["BM25"], runs[fuse_with_bm25]], norm=None, method="rrf")
+            fused.name = fused_name(fuse_with_bm25)
+            runs[fused.name] = fused
         report = compare(test.qrels, runs, metrics=METRICS)
         results[name] = {"scores": {run: dict(v) for run, v in report.results.items()},
                          "p_values": p_values(report),
@@ -274,7 +290,7 @@ def main(argv=None):
     if state.is_main_process:
         label = f"{args.method} ({args.tasks_mode})"
         mark = time.time()
-        results, sections = score(data, {"frozen": frozen, label: tuned_eval})
+        results, sections = score(data, {"frozen": frozen, label: tuned_eval}, fuse_with_bm25=label)
         seconds["scoring (BM25 search, ranx, Fisher)"] = time.time() - mark
         petune.save(tuned, out_dir / "tuned")
         report = tuned.trainable_report()
