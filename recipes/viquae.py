@@ -87,8 +87,8 @@ def parse_args(argv=None):
 
 
 def training_examples(split, qrels, negatives, passages, images=None):
-    """One example per question: its first relevant passage and its first BM25 hard negative (and
-    its image features, ``images[qid]``, when given)."""
+    """One example per question: its first relevant passage, its first BM25 hard negative and the
+    list of all its relevant passages (and its image features, ``images[qid]``, when given)."""
     examples, skipped = [], 0
     for qid, question in zip(viquae.question_ids(split), split["input"]):
         if qid not in qrels:
@@ -96,9 +96,10 @@ def training_examples(split, qrels, negatives, passages, images=None):
         if not negatives.get(qid):
             skipped += 1
             continue
-        relevant = next(iter(qrels[qid]))
-        examples.append({"query": question, "positive": passages[int(relevant)]["passage"],
-                         "negatives": [passages[int(negatives[qid][0])]["passage"]]})
+        relevant = [passages[int(p)]["passage"] for p, r in qrels[qid].items() if r > 0]
+        # every relevant passage is named, so DPRLoss never pushes one away as an in-batch negative
+        examples.append({"query": question, "positive": relevant[0],
+                         "negatives": [passages[int(negatives[qid][0])]["passage"]], "relevant": relevant})
         if images is not None:
             examples[-1]["image"] = images[qid]
     return examples, skipped

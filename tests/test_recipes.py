@@ -182,6 +182,22 @@ def test_offline_recipe_quick(quick_run):
     assert (quick_run / "report.md").exists() and (quick_run / "tuned" / "model.safetensors").exists()
 
 
+def test_viquae_examples_name_every_relevant_passage():
+    """Each question's example lists all its relevant passages, which DPRLoss then never treats
+    as in-batch negatives of that question."""
+    import datasets
+
+    import viquae as recipe
+
+    split = datasets.Dataset.from_dict({"id": ["q1", "q2", "q3"], "input": ["who?", "what?", "where?"]})
+    passages = datasets.Dataset.from_dict({"passage": [f"passage {i}" for i in range(5)]})
+    qrels = {"q1": {"1": 1, "3": 1}, "q2": {"2": 1}}
+    examples, skipped = recipe.training_examples(split, qrels, {"q1": ["0"], "q2": ["4"]}, passages)
+    assert skipped == 0 and [e["query"] for e in examples] == ["who?", "what?"]
+    assert examples[0]["positive"] == "passage 1" and examples[0]["relevant"] == ["passage 1", "passage 3"]
+    assert examples[0]["negatives"] == ["passage 0"] and examples[1]["relevant"] == ["passage 2"]
+
+
 def test_sweep_table_from_reports(quick_run, tmp_path):
     """recipes/sweep.py --table-only: one row per setting whose run left a report."""
     import shutil
