@@ -80,6 +80,13 @@ def pool_inputs(model, inputs: dict, pooling: str = "mean") -> torch.Tensor:
     return pool(model, inputs["input_ids"], inputs["attention_mask"], pooling, images=inputs.get("images"))
 
 
+def _task_per_text(tasks, texts) -> list[str]:
+    tasks = list(tasks)
+    if len(tasks) != len(texts):
+        raise ValueError(f"task lists one task per text: got {len(tasks)} tasks for {len(texts)} texts")
+    return tasks
+
+
 def _check_args(texts, pooling, layers, layer_combine, batch_size):
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not one string; wrap it: [text]")
@@ -168,9 +175,7 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
     texts = _check_args(texts, pooling, layers, layer_combine, batch_size)
     per_row = isinstance(task, (list, tuple))
     if per_row:
-        task = list(task)
-        if len(task) != len(texts):
-            raise ValueError(f"task lists one task per text: got {len(task)} tasks for {len(texts)} texts")
+        task = _task_per_text(task, texts)
         if not isinstance(model, TunedModel):
             raise TypeError("one task per text needs a TunedModel attached with tasks=[...]")
     n_visual = [0] * len(texts)
@@ -318,9 +323,8 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
     if images is not None:
         options["images"] = [images[i] for i in rows]
     if isinstance(options.get("task"), (list, tuple)):  # one task per text: each process takes its rows' tasks
-        if len(options["task"]) != len(texts):
-            raise ValueError(f"task lists one task per text: got {len(options['task'])} tasks for {len(texts)} texts")
-        options["task"] = [options["task"][i] for i in rows]
+        tasks = _task_per_text(options["task"], texts)
+        options["task"] = [tasks[i] for i in rows]
     local = encode(model, tokenizer, [texts[i] for i in rows],
                    progress=progress if state.is_main_process else False, **options)
     gathered = gather_rows(local, to_all=gather_to == "all")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections import Counter
 
 from ..models import ADAPTERS_SUPPORTED, d_model, find_layout, model_type
 from ..registry import register_method
@@ -149,9 +150,6 @@ class BottleneckAdapter(Method):
     def route(self, model, row_modules):
         """Rows arrive grouped by module: the adapters library's ``BatchSplit`` over the groups'
         sizes, or petune's bottleneck hooks applying each module to its rows."""
-        groups = {}
-        for m in row_modules:
-            groups[m] = groups.get(m, 0) + 1
         if self.library == "petune":
             self.hooks.row_modules = list(row_modules)
             try:
@@ -161,6 +159,7 @@ class BottleneckAdapter(Method):
             return
         from adapters.composition import BatchSplit
 
+        groups = Counter(row_modules)  # first-appearance order: the order the rows come in
         previous = model.active_adapters
         model.set_active_adapters(BatchSplit(*groups, batch_sizes=list(groups.values())))
         try:
