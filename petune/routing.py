@@ -9,6 +9,7 @@ dimension is the batch, tuples, dicts and ``transformers`` ``ModelOutput`` objec
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 
 import torch
@@ -18,13 +19,9 @@ import torch.nn.functional as F
 def group_rows(modules: list[str]) -> tuple[list[int], list[tuple[str, int]]]:
     """``(order, groups)``: row indices grouped by module, in first-appearance order of the
     modules, and ``[(module, rows of it), ...]`` in that order."""
-    first = {}
-    for m in modules:
-        first.setdefault(m, len(first))
+    counts = Counter(modules)  # keeps first-appearance order
+    first = {m: i for i, m in enumerate(counts)}
     order = sorted(range(len(modules)), key=lambda i: first[modules[i]])
-    counts = {m: 0 for m in first}
-    for m in modules:
-        counts[m] += 1
     return order, list(counts.items())
 
 

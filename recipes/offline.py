@@ -173,8 +173,7 @@ def embed_all(model, tokenizer, data, args, task_for, cache=None):
 
 
 def knn(vectors, data):
-    train_a, val_a, test_a = data["splits"]["news"]
-    test_a = val_a if data["eval_split"] == "val" else test_a
+    train_a, test_a = data["splits"]["news"][0], scored_ids(data, "news")
     topic = {a: data["articles"][a]["topic"] for a in data["articles"]}
     return knn_scores(np.stack([vectors[a] for a in train_a]), [topic[a] for a in train_a],
                       np.stack([vectors[a] for a in test_a]), [topic[a] for a in test_a], k=20)
@@ -194,10 +193,14 @@ def evaluate_model(model, tokenizer, data, args, task_for, cache=None) -> dict |
     return out
 
 
+def scored_ids(data, name):
+    """The ids of ``name``'s --eval-split part (BBC articles or ChatterBot questions): test unless val."""
+    return data["splits"][name][1 if data["eval_split"] == "val" else 2]
+
+
 def test_queries(data, name):
-    """The scored queries of a retrieval task: its --eval-split (test unless val)."""
-    split = 1 if data["eval_split"] == "val" else 2
-    return [f"q-{a}" for a in data["splits"]["news"][split]] if name == "news" else data["splits"]["qa"][split]
+    """The scored queries of a retrieval task."""
+    return [f"q-{a}" for a in scored_ids(data, "news")] if name == "news" else scored_ids(data, "qa")
 
 
 def fused_name(system: str) -> str:
