@@ -61,6 +61,63 @@ def test_loader_every_epoch_yields_and_cycle_restarts():
     assert [(s, t) for s, t, _ in skipped] == [(4, "a"), (5, "b")]
 
 
+class SeededLoader:
+    """A loader whose shuffle follows ``set_epoch``, as Accelerate's seedable sampler does."""
+
+    def __init__(self, data, batch_size):
+        self.data, self.batch_size, self.epoch = list(data), batch_size, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.data) // self.batch_size
+
+    def __iter__(self):
+        perm = np.random.default_rng(self.epoch).permutation(self.data).tolist()
+        for i in range(len(self)):
+            yield perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def test_repeats_upsample_a_task_with_a_fresh_shuffle_per_pass():
+    loaders = {"a": SeededLoader(range(6), 2), "b": SeededLoader(range(10, 14), 2)}
+    mtl = MultiTaskLoader(loaders, "proportional", seed=1, repeats={"b": 3})
+    passes = []
+    for epoch in range(2):
+        mtl.set_epoch(epoch)
+        steps = list(mtl)
+        assert sorted(t for t, _ in steps) == ["a"] * 3 + ["b"] * 6
+        b = [x for t, batch in steps if t == "b" for x in batch]
+        passes += [b[i:i + 4] for i in range(0, 12, 4)]
+        assert sorted(x for t, batch in steps if t == "a" for x in batch) == list(range(6))
+    assert all(sorted(p) == [10, 11, 12, 13] for p in passes), "every pass covers the task's data once"
+    assert len({tuple(p) for p in passes}) == 6, "no two passes repeat an order"
+    mtl.set_epoch(1)  # resuming mid-epoch replays the same batches
+    assert [(t, b) for _, t, b in mtl.iterate(start=5)] == list(mtl)[5:]
+    with pytest.raises(ValueError, match=r"repeats must be positive integers.*'b': 0"):
+        MultiTaskLoader(loaders, repeats={"b": 0})
+    with pytest.raises(ValueError, match=r"\['c'\] that have no loader"):
+        MultiTaskLoader(loaders, repeats={"c": 2})
+    with pytest.raises(ValueError, match="repeat must be a positive integer"):
+        Task("ret", retrieval_data(), RetrievalCollator(Tok()), DPRLoss(), repeat=1.5)
+
+
+def test_trainer_repeat_gives_a_task_more_steps():
+    seen = []
+
+    def recording(batch):
+        seen.append(sorted(e["query"] for e in batch))
+        return RetrievalCollator(Tok())(batch)
+
+    tuned = petune.attach(tiny("t5"), "lora", tasks=["ret", "cls"])
+    tasks = tasks_for(n=8)
+    tasks[0] = Task("ret", retrieval_data(8), recording, DPRLoss(), batch_size=4, repeat=2)
+    history = Trainer(tuned, tasks, epochs=1, lr=1e-2, progress=False, log_with=None).fit()
+    assert sorted(t for _, t, _ in history["loss"]) == ["cls"] * 2 + ["ret"] * 4
+    assert sorted(q for batch in seen[:2] for q in batch) == sorted(q for batch in seen[2:] for q in batch)
+    assert seen[:2] != seen[2:], "Accelerate's seedable loader reshuffles for the second pass"
+
+
 # -- losses -----------------------------------------------------------------------------------
 def test_dpr_loss_by_hand():
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

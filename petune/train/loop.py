@@ -116,7 +116,7 @@ class Trainer:
             dl = DataLoader(t.dataset, batch_size=t.batch_size, shuffle=True, collate_fn=t.collate,
                             drop_last=t.drop_last, num_workers=num_workers)
             loaders[t.name] = acc.prepare(dl)
-        self.loader = MultiTaskLoader(loaders, sampling, seed, batches_per_task)
+        self.loader = MultiTaskLoader(loaders, sampling, seed, batches_per_task, {t.name: t.repeat for t in tasks})
 
         self.params = list(model.tuned_parameters().values()) + [p for p in self.losses.parameters()]
         if not self.params:
@@ -178,9 +178,11 @@ class Trainer:
         return self.output_dir / "checkpoints" if self.output_dir else None
 
     def _fingerprint(self) -> dict:
-        return {"method": self.model.method.name, "tasks": list(self.tasks), "seed": self.seed,
-                "sampling": self.loader.mode, "num_processes": self.accelerator.num_processes,
-                "batch_sizes": {n: t.batch_size for n, t in self.tasks.items()}}
+        fingerprint = {"method": self.model.method.name, "tasks": list(self.tasks), "seed": self.seed,
+                       "sampling": self.loader.mode, "num_processes": self.accelerator.num_processes,
+                       "batch_sizes": {n: t.batch_size for n, t in self.tasks.items()}}
+        repeats = {n: t.repeat for n, t in self.tasks.items() if t.repeat != 1}
+        return {**fingerprint, "repeats": repeats} if repeats else fingerprint  # older checkpoints have none
 
     def save_checkpoint(self) -> Path:
         """Write tuned parameters, optimizer, scheduler, loss parameters, RNG states and the

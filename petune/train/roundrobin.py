@@ -3,11 +3,15 @@
 The design follows VL-Adapter's multi-task loader (Sung et al., 2022): a list with one task
 name per batch, shuffled with ``random.Random(seed + epoch)``. Every process computes the same
 list (same seed, same epoch, same batch counts), so all processes run the same task at each step.
+A task can be upsampled: with ``repeats={"qa": 2}`` its data counts twice in the schedule (two
+passes per epoch, each in a fresh shuffle).
 """
 
 from __future__ import annotations
 
+import math
 import random
+from collections import Counter
 
 MODES = ("proportional", "cycle", "balanced")
 
@@ -52,24 +56,52 @@ class MultiTaskLoader:
 
     Call :meth:`set_epoch` before each epoch: it reseeds the task order and each loader's shuffle
     (loaders prepared by Accelerate with a seedable sampler, or anything with ``set_epoch``).
-    A loader that runs out before its task's turns are over (``"cycle"`` / ``"balanced"`` with
-    ``batches_per_task`` above its size) restarts.
+    A loader that runs out before its task's turns are over (``repeats`` above 1, ``"cycle"``, or
+    ``"balanced"`` with ``batches_per_task`` above its size) restarts; a seedable loader then gets a
+    shuffle of its own: pass ``j`` of epoch ``e`` of a task with ``P`` passes per epoch uses the
+    loader's epoch ``e * P + j``, so no two passes of a run repeat an order.
+
+    Args:
+        loaders: ``{task: data loader}``.
+        mode, batches_per_task: see :func:`task_order`.
+        seed: the task order's seed.
+        repeats: ``{task: r}``, a positive integer per task (default 1): the task's batches count
+            ``r`` times in the schedule, i.e. ``r`` passes over its data per epoch (upsampling a
+            small task).
+
+    Raises:
+        ValueError: what :func:`task_order` raises; a repeat that is not a positive integer, or
+            one for a task with no loader.
     """
 
-    def __init__(self, loaders: dict, mode: str = "proportional", seed: int = 0, batches_per_task: int | None = None):
+    def __init__(self, loaders: dict, mode: str = "proportional", seed: int = 0, batches_per_task: int | None = None,
+                 repeats: dict[str, int] | None = None):
         self.loaders, self.mode, self.seed, self.batches_per_task = dict(loaders), mode, seed, batches_per_task
+        repeats = dict(repeats or {})
+        unknown = sorted(set(repeats) - set(self.loaders))
+        if unknown:
+            raise ValueError(f"repeats name task(s) {unknown} that have no loader (tasks: {list(self.loaders)})")
+        bad = {t: r for t, r in repeats.items() if not isinstance(r, int) or isinstance(r, bool) or r < 1}
+        if bad:
+            raise ValueError(f"repeats must be positive integers (passes over a task's data per epoch), got {bad}")
+        self.repeats = {t: repeats.get(t, 1) for t in self.loaders}
         self.epoch = 0
-        self.order()  # validate now, not at the first step
+        turns = Counter(self.order())  # also validates now, not at the first step
+        self.passes = {t: max(1, math.ceil(turns[t] / len(dl))) for t, dl in self.loaders.items()}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        for loader in self.loaders.values():
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
+        for task in self.loaders:
+            self._reshuffle(task, 0)
+
+    def _reshuffle(self, task: str, passed: int) -> None:
+        loader = self.loaders[task]
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.epoch * self.passes[task] + passed)
 
     def order(self) -> list[str]:
-        return task_order({t: len(dl) for t, dl in self.loaders.items()}, self.mode, self.seed, self.epoch,
-                          self.batches_per_task)
+        return task_order({t: len(dl) * self.repeats[t] for t, dl in self.loaders.items()}, self.mode, self.seed,
+                          self.epoch, self.batches_per_task)
 
     def __len__(self) -> int:
         return len(self.order())
@@ -82,15 +114,17 @@ class MultiTaskLoader:
         import torch
 
         rng = torch.get_rng_state() if start > 0 else None
-        iterators = {}
+        iterators, passed = {}, {}
         for step, task in enumerate(self.order()):
             if step == start and rng is not None:  # before this step's fetch, as in the original run
                 torch.set_rng_state(rng)
             if task not in iterators:
-                iterators[task] = iter(self.loaders[task])
+                iterators[task], passed[task] = iter(self.loaders[task]), 0
             try:
                 batch = next(iterators[task])
             except StopIteration:
+                passed[task] += 1
+                self._reshuffle(task, passed[task])
                 iterators[task] = iter(self.loaders[task])
                 batch = next(iterators[task])
             if step >= start:

@@ -21,6 +21,9 @@ class Task:
         batch_size: examples per batch on each process.
         prefix: a text prefix for this task's inputs, for collates that take one.
         drop_last: drop the last incomplete batch (keeps in-batch negatives the same size).
+        repeat: passes over this task's data per epoch (default 1). A small task with ``repeat=2``
+            gets twice its batches in the round-robin schedule, each pass freshly shuffled:
+            upsampling, without changing the other tasks' share.
     """
 
     name: str
@@ -30,9 +33,12 @@ class Task:
     batch_size: int = 16
     prefix: str = ""
     drop_last: bool = False
+    repeat: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"task {self.name!r}: batch_size must be a positive integer, got {self.batch_size!r}")
+        for key in ("batch_size", "repeat"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"task {self.name!r}: {key} must be a positive integer, got {value!r}")
         if len(self.dataset) == 0:
             raise ValueError(f"task {self.name!r} has an empty dataset")
