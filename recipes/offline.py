@@ -6,7 +6,8 @@
 Tasks, trained together by petune's round-robin loop:
   news   BBC News headline → article retrieval (DPR loss: in-batch + one BM25 hard negative)
   topic  BBC News topic classification (cross-entropy head on pooled encoder states)
-  qa     ChatterBot question → answer retrieval (DPR loss: in-batch + one BM25 hard negative)
+  qa     ChatterBot question → answer retrieval (DPR loss: in-batch + one BM25 hard negative;
+         the smallest task, seen twice per epoch: --repeat qa=2)
 Retrieval scores by cosine similarity (scale 20 in the loss) unless --similarity dot; the
 defaults were chosen on the validation split (recipes/SWEEP.md, python recipes/sweep.py).
 
@@ -51,6 +52,7 @@ from petune.train import (ClassificationCollator, ClassificationLoss, DPRLoss, R
 
 log = logging.getLogger("offline")
 METRICS = ["mrr@10", "precision@1", "recall@10", "ndcg@10"]
+TASKS = ("news", "topic", "qa")
 
 
 def parse_args(argv=None):
@@ -59,6 +61,9 @@ def parse_args(argv=None):
     add_method_args(parser)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32, help="examples per batch (every task)")
+    parser.add_argument("--repeat", nargs="+", default=["qa=2"], metavar="TASK=N",
+                        help="passes over a task's data per epoch (upsampling in the round-robin schedule; "
+                        "tasks: news, topic, qa; a task not named gets 1). Default: qa=2, the small task twice")
     parser.add_argument("--seed", type=int, default=0, help="training seed (init, dropout, shuffles)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/val/test splits")
     parser.add_argument("--body-chars", type=int, default=1000, help="BBC bodies are cut to this many characters")
@@ -81,12 +86,25 @@ def parse_args(argv=None):
                         "(300 articles, 200 questions unless --max-articles / --max-questions say otherwise)")
     add_run_args(parser, checkpoint_every=50)
     args = parser.parse_args(argv)
+    args.repeat = parse_repeats(parser, args.repeat)
     if args.quick:
         args.epochs, args.batch_size, args.body_chars = 1, 16, 400
         args.max_articles, args.max_questions = args.max_articles or 300, args.max_questions or 200
         args.train_passage_length, args.eval_length = 64, 96
     args.lr = args.lr or DEFAULT_LR[args.method]
     return args
+
+
+def parse_repeats(parser, items: list[str]) -> dict[str, int]:
+    """``["qa=2"]`` -> ``{"news": 1, "topic": 1, "qa": 2}``; a bad item exits with the usage error."""
+    repeats = dict.fromkeys(TASKS, 1)
+    for item in items:
+        task, _, n = item.partition("=")
+        if task not in TASKS or not n.isdigit() or int(n) < 1:
+            parser.error(f"--repeat takes TASK=N with TASK one of {list(TASKS)} and N a positive integer, "
+                         f"got {item!r}")
+        repeats[task] = int(n)
+    return repeats
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -144,6 +162,20 @@ def retrieval_loss(args) -> DPRLoss:
     """The DPR loss of --similarity: inner product, or cosine times --scale."""
     return DPRLoss(scale=args.scale if args.similarity == "cosine" else None,
                    mask_false_negatives=args.mask_false_negatives)
+
+
+def build_tasks(args, data, tokenizer, d_model: int) -> list[Task]:
+    """The three training tasks: news and qa retrieval (DPR loss, in-batch + BM25 hard negatives),
+    topic classification (a linear head on pooled ``[batch, d_model]`` states); --batch-size,
+    --train-passage-length and --repeat apply."""
+    retrieval = RetrievalCollator(tokenizer, query_max_length=64, passage_max_length=args.train_passage_length)
+    topic = ClassificationCollator(tokenizer, data["topics"], max_length=args.train_passage_length)
+    return [Task("news", data["news_train"], retrieval, retrieval_loss(args), batch_size=args.batch_size,
+                 drop_last=True, repeat=args.repeat["news"]),
+            Task("topic", data["topic_train"], topic, ClassificationLoss(d_model, len(data["topics"])),
+                 batch_size=args.batch_size, repeat=args.repeat["topic"]),
+            Task("qa", data["qa_train"], retrieval, retrieval_loss(args), batch_size=args.batch_size,
+                 drop_last=True, repeat=args.repeat["qa"])]
 
 
 # -- scoring ---------------------------------------------------------------------------------
@@ -268,18 +300,11 @@ def main(argv=None):
 
     options = method_options(args)
     multi = args.tasks_mode == "multi"
-    tuned = petune.attach(model, args.method, tasks=["news", "topic", "qa"], shared=not multi, **options)
+    tuned = petune.attach(model, args.method, tasks=list(TASKS), shared=not multi, **options)
     if state.is_main_process:
         print(tuned.trainable_report())
     d_model = petune.models.d_model(tuned.base_model)
-    retrieval = RetrievalCollator(tokenizer, query_max_length=64, passage_max_length=args.train_passage_length)
-    tasks = [Task("news", data["news_train"], retrieval, retrieval_loss(args), batch_size=args.batch_size,
-                  drop_last=True),
-             Task("topic", data["topic_train"], ClassificationCollator(tokenizer, data["topics"],
-                                                                       max_length=args.train_passage_length),
-                  ClassificationLoss(d_model, len(data["topics"])), batch_size=args.batch_size),
-             Task("qa", data["qa_train"], retrieval, retrieval_loss(args), batch_size=args.batch_size,
-                  drop_last=True)]
+    tasks = build_tasks(args, data, tokenizer, d_model)
     train_started = time.time()
     history = Trainer(tuned, tasks, epochs=args.epochs, lr=args.lr, seed=args.seed, output_dir=out_dir,
                       checkpoint_every=args.checkpoint_every).fit(resume_from=resume_from)
@@ -297,11 +322,12 @@ def main(argv=None):
         seconds["scoring (BM25 search, ranx, Fisher)"] = time.time() - mark
         petune.save(tuned, out_dir / "tuned")
         report = tuned.trainable_report()
-        losses = {t: [loss for _, task, loss in history["loss"] if task == t] for t in ("news", "topic", "qa")}
+        losses = {t: [loss for _, task, loss in history["loss"] if task == t] for t in TASKS}
         summary = {
             "command": "recipes/offline.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "method": args.method, "options": options, "tasks_mode": args.tasks_mode, "lr": args.lr,
-            "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "split_seed": args.split_seed,
+            "epochs": args.epochs, "repeat": args.repeat, "batch_size": args.batch_size, "seed": args.seed,
+            "split_seed": args.split_seed,
             "processes": state.num_processes, "trainable": report.as_dict(),
             "steps": len(history["loss"]), "skipped_steps": history["skipped_steps"],
             "first_last_loss": {t: [v[0], v[-1]] for t, v in losses.items() if v},
