@@ -1,17 +1,20 @@
 """petune's overhead: the same training steps and encode pass through petune and written directly
 against peft / adapters / transformers, in the same process, reported as ratios with 95 % intervals.
 
-    python benchmarks/overhead.py [--blocks 24] [--steps 6] [--encode-pairs 40] [--threads N] [--quick]
+    python benchmarks/overhead.py [--blocks 24] [--steps 6] [--encode-pairs 80] [--threads N] [--quick]
 
 Training: DPR loss (in-batch + one hard negative) on BBC headline → article batches with the
 offline MiniLM BERT2BERT; petune = attach + Trainer (Accelerate, round-robin loader, task
 switching, NaN checks, clipping, scheduler); direct = peft.get_peft_model / adapters.init + a
 hand-written loop with the same optimizer, clipping and scheduler. Both sides run the **same
 batches in the same order**: the direct loop replays the example order the Trainer's seeded
-loader used, and collates them itself, so both pay tokenisation. A block is one run of
-``--steps`` + 1 steps per side; its first step (one-off costs) is dropped and the block's ratio is
-petune's median step time over direct's (medians: a step stalled by the machine does not decide
-a block). Blocks alternate which side goes first (ABBA). Encoding: ``petune.encode`` vs the same
+loader used, and collates them itself, so both pay tokenisation. A block is one Trainer run of
+``--steps`` + 1 steps with the direct loop's steps **interleaved one by one** (the direct step
+runs in the Trainer's evaluation hook, which the Trainer leaves out of its step times), so a
+slowdown of the shared machine hits neighbouring steps of both sides alike; each side's first
+step (one-off costs) is dropped and the block's ratio is petune's median step time over direct's
+(medians: a stalled step does not decide a block). Blocks alternate which side steps first
+(ABBA). Encoding: ``petune.encode`` vs the same
 length-sorted batches through the model's encoder, in ABBA pairs of short passes (many short
 pairs give a narrower interval than few long ones on a noisy machine).
 Each ratio is the geometric mean over blocks / pairs with a 95 % percentile-bootstrap interval
@@ -80,9 +83,10 @@ def attach_direct(model, method):
     return model
 
 
-def direct_steps(model, data, collate, order, lr):
+def direct_stepper(model, data, collate, order, lr):
     """The hand-written loop a user would write without petune, over the batches ``order`` (lists
-    of example indices): per-step seconds, fetching and collating included."""
+    of example indices), one step per ``next()``: yields each step's seconds, fetching and
+    collating included."""
     from transformers import get_linear_schedule_with_warmup
 
     model.train()
@@ -91,9 +95,10 @@ def direct_steps(model, data, collate, order, lr):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     sched = get_linear_schedule_with_warmup(opt, 0, len(order))
-    loader = torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate)
-    times, start = [], time.perf_counter()
-    for batch in loader:
+    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=order, collate_fn=collate))
+    for _ in order:
+        start = time.perf_counter()
+        batch = next(batches)
         q = mean_pool(encoder(**batch["query"]).last_hidden_state, batch["query"]["attention_mask"])
         p = mean_pool(encoder(**batch["passages"]).last_hidden_state, batch["passages"]["attention_mask"])
         labels = torch.arange(q.shape[0]) * (p.shape[0] // q.shape[0])
@@ -103,19 +108,35 @@ def direct_steps(model, data, collate, order, lr):
         opt.step()
         sched.step()
         opt.zero_grad()
-        times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-    return times
+        yield time.perf_counter() - start
 
 
-def petune_steps(tuned, data, collate, steps, batch_size, lr):
+def petune_steps(tuned, data, collate, steps, batch_size, lr, between=None):
     """One Trainer run of ``steps`` steps: per-step seconds and the example order its loader used
-    (the same in every run: the seed is fixed)."""
+    (the same in every run: the seed is fixed). ``between()`` runs after each step, in the
+    Trainer's evaluation hook, whose time the Trainer leaves out of its step times."""
     recorded = Recorded(collate)
     task = Task("news", data, recorded, DPRLoss(), batch_size=batch_size, drop_last=True)
+    hook = None if between is None else (lambda trainer: between() or {})
     history = Trainer(tuned, [task], epochs=1, lr=lr, warmup_ratio=0.0, max_steps=steps, progress=False,
-                      log_with=None, seed=0).fit()
+                      log_with=None, seed=0, eval_fn=hook, eval_every=1 if hook else None).fit()
     return history["step_seconds"], recorded.batches[:steps]
+
+
+def interleaved_block(tuned, direct, data, collate, order, args, direct_first: bool) -> dict[str, list[float]]:
+    """One block: petune and direct steps alternate one by one (p d p d ..., or d p d p ... when
+    ``direct_first``), so a slowdown of the machine hits both sides' neighbouring steps alike.
+    Each side's first step is dropped (one-off costs). Returns each side's step seconds."""
+    stepper = direct_stepper(direct, data, collate, order, 1e-3)
+    direct_seconds = [next(stepper)] if direct_first else []
+
+    def direct_step():
+        if len(direct_seconds) < len(order):
+            direct_seconds.append(next(stepper))
+
+    petune_seconds, used = petune_steps(tuned, data, collate, args.steps + 1, args.batch_size, 1e-3, direct_step)
+    assert used == order, "both sides must run the same batches"
+    return {"petune": petune_seconds[1:], "direct": direct_seconds[1:]}
 
 
 def models(method):
@@ -128,21 +149,14 @@ def models(method):
 
 def measure(method, args, tok, collate, data, texts) -> dict:
     tuned, direct = models(method)
-    steps = args.steps + 1
-    _, order = petune_steps(tuned, data, collate, steps, args.batch_size, 1e-3)  # warm-up; the Trainer's order
-    direct_steps(direct, data, collate, order, 1e-3)  # warm-up
+    _, order = petune_steps(tuned, data, collate, args.steps + 1, args.batch_size, 1e-3)  # the Trainer's order
+    interleaved_block(tuned, direct, data, collate, order, args, direct_first=False)  # warm-up
     block_ratios, step_seconds = [], {"petune": [], "direct": []}
     for k in range(args.blocks):
-        timings = {}
-        for side in abba(k):
-            if side == "petune":
-                timings["petune"], used = petune_steps(tuned, data, collate, steps, args.batch_size, 1e-3)
-                assert used == order, "both sides must run the same batches"
-            else:
-                timings["direct"] = direct_steps(direct, data, collate, order, 1e-3)
+        timings = interleaved_block(tuned, direct, data, collate, order, args, direct_first=abba(k)[0] == "direct")
         for side in timings:
-            step_seconds[side] += timings[side][1:]  # a block's first step pays one-off costs
-        block_ratios.append(statistics.median(timings["petune"][1:]) / statistics.median(timings["direct"][1:]))
+            step_seconds[side] += timings[side]
+        block_ratios.append(statistics.median(timings["petune"]) / statistics.median(timings["direct"]))
     tuned.eval()
     direct.eval()
     base = direct.get_base_model() if hasattr(direct, "get_base_model") else direct
@@ -163,7 +177,7 @@ def main(argv=None):
     parser.add_argument("--blocks", type=int, default=24, help="training blocks per method (ABBA)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per block and side (+1 dropped)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--encode-pairs", type=int, default=40)
+    parser.add_argument("--encode-pairs", type=int, default=80)
     parser.add_argument("--encode-texts", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (pinned)")
     parser.add_argument("--methods", nargs="+", default=["lora", "adapter"])

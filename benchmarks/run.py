@@ -72,7 +72,7 @@ def run_one(name: str, seed: int, args) -> dict:
 
     import offline
     import petune
-    from petune.train import ClassificationCollator, ClassificationLoss, RetrievalCollator, Task, Trainer
+    from petune.train import Trainer
 
     register_full_finetuning()
     method, options, mode, lr = ROWS[name]
@@ -95,14 +95,7 @@ def run_one(name: str, seed: int, args) -> dict:
         tuned = petune.attach(model, method, tasks=["news", "topic", "qa"], shared=not multi, **options)
         report = tuned.trainable_report()
         d_model = petune.models.d_model(tuned.base_model)
-        collate = RetrievalCollator(tokenizer, query_max_length=64, passage_max_length=rargs.train_passage_length)
-        tasks = [Task("news", data["news_train"], collate, offline.retrieval_loss(rargs), batch_size=rargs.batch_size,
-                      drop_last=True),
-                 Task("topic", data["topic_train"], ClassificationCollator(
-                     tokenizer, data["topics"], max_length=rargs.train_passage_length),
-                      ClassificationLoss(d_model, len(data["topics"])), batch_size=rargs.batch_size),
-                 Task("qa", data["qa_train"], collate, offline.retrieval_loss(rargs), batch_size=rargs.batch_size,
-                      drop_last=True)]
+        tasks = offline.build_tasks(rargs, data, tokenizer, d_model)
         history = Trainer(tuned, tasks, epochs=rargs.epochs, lr=lr, seed=seed, progress=False, log_with=None).fit()
         result = offline.evaluate_model(tuned, tokenizer, data, rargs, task_for=lambda t: t if multi else None)
         saved = petune.save(tuned, args.work / SLUG[name] / f"tuned-{seed}")
@@ -246,7 +239,9 @@ def overhead_section(out: Path) -> list[str]:
         m = o["meta"]
         lines += ["## petune's overhead", "",
                   f"`{m['command'].strip()}` ({m['machine']}; torch threads {m['threads']['torch']}; "
-                  f"{m['blocks']} ABBA blocks of {m['steps']} timed steps per method, batch {m['batch_size']}; "
+                  f"{m['blocks']} blocks per method of {m['steps']} timed steps per side, the two sides "
+                  "interleaved step by step and the first side alternating ABBA, batch "
+                  f"{m['batch_size']}; "
                   f"{m['encode_pairs']} ABBA pairs of encode passes over {m['encode_texts']} texts; "
                   f"{m['seconds'] / 60:.0f} minutes a run). Ratio = petune time / the same work written directly "
                   "against peft / adapters / transformers, same batches in the same order; geometric mean over "
