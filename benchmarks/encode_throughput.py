@@ -1,6 +1,6 @@
 """Encode throughput: petune.encode vs a bare Hugging Face encoder forward, same texts and batch size.
 
-    python benchmarks/encode_throughput.py [--n 32] [--batch-size 32] [--pairs 48] [--threads N] [--quick]
+    python benchmarks/encode_throughput.py [--n 32] [--batch-size 32] [--pairs 96] [--threads N] [--quick]
 
 Both sides tokenise once up front, sort by length and pad per batch (the bare side is given the
 same batches), run under torch.inference_mode and mean-pool; the ratio isolates petune's
@@ -54,7 +54,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--pairs", type=int, default=48, help="ABBA pairs of passes")
+    parser.add_argument("--pairs", type=int, default=96, help="ABBA pairs of passes")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (pinned)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: the interval is too wide to judge")
     parser.add_argument("--output", default="benchmarks/encode_throughput.json")
