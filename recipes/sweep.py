@@ -54,8 +54,8 @@ except at batch 64.
 ChatterBot twice per epoch: its 22 steps of one epoch left the test split below frozen (0.447 vs
 0.476) while validation was just above (0.500 vs 0.488). Training the qa module alone (it sees
 only qa batches, so this isolates it; an ad-hoc script over the recipe's functions, not kept;
-two seeds, validation MRR@10): one pass 0.515 / 0.521, two
-passes 0.547 / 0.540. In the full job (the row above) it gives ChatterBot 0.530, BBC level
+two seeds, validation MRR@10): one pass 0.515 / 0.521, two passes 0.547 / 0.540. In the full
+job (its row in the table) it gives ChatterBot 0.530, BBC level
 (0.831), topic one validation article lower (0.967). It costs about 80 s of training (22 more qa
 steps), within the 15 minutes.
 
