@@ -68,7 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/val/test splits")
     parser.add_argument("--body-chars", type=int, default=1000, help="BBC bodies are cut to this many characters")
     parser.add_argument("--train-passage-length", type=int, default=128, help="passage tokens during training")
-    parser.add_argument("--hard-negatives", type=int, default=1, help="BM25 hard negatives per training example")
+    parser.add_argument("--hard-negatives", nargs="+", default=["1"], metavar="[TASK=]N",
+                        help="BM25 hard negatives per training example of a retrieval task: N for both, or "
+                        "TASK=N (news, qa), e.g. news=1 qa=0")
     parser.add_argument("--similarity", default="cosine", choices=["dot", "cosine"],
                         help="dot: inner product (DPR); cosine: normalised embeddings, scores times --scale in "
                         "the loss (sentence-transformers' MultipleNegativesRankingLoss); used in training and scoring")
@@ -86,7 +88,9 @@ def parse_args(argv=None):
                         "(300 articles, 200 questions unless --max-articles / --max-questions say otherwise)")
     add_run_args(parser, checkpoint_every=50)
     args = parser.parse_args(argv)
-    args.repeat = parse_repeats(parser, args.repeat)
+    args.repeat = parse_per_task(parser, "--repeat", args.repeat, TASKS, default=1, minimum=1)
+    args.hard_negatives = parse_per_task(parser, "--hard-negatives", args.hard_negatives, ("news", "qa"),
+                                         default=1, minimum=0, bare=True)
     if args.quick:
         args.epochs, args.batch_size, args.body_chars = 1, 16, 400
         args.max_articles, args.max_questions = args.max_articles or 300, args.max_questions or 200
@@ -95,16 +99,21 @@ def parse_args(argv=None):
     return args
 
 
-def parse_repeats(parser, items: list[str]) -> dict[str, int]:
-    """``["qa=2"]`` -> ``{"news": 1, "topic": 1, "qa": 2}``; a bad item exits with the usage error."""
-    repeats = dict.fromkeys(TASKS, 1)
+def parse_per_task(parser, flag: str, items: list[str], tasks, default: int, minimum: int,
+                   bare: bool = False) -> dict[str, int]:
+    """``["qa=2"]`` -> ``{"news": 1, "topic": 1, "qa": 2}`` (``default`` for a task not named); with
+    ``bare``, an item ``N`` sets every task. A bad item exits with the usage error."""
+    values = dict.fromkeys(tasks, default)
     for item in items:
-        task, _, n = item.partition("=")
-        if task not in TASKS or not n.isdigit() or int(n) < 1:
-            parser.error(f"--repeat takes TASK=N with TASK one of {list(TASKS)} and N a positive integer, "
+        task, _, n = item.rpartition("=")
+        if bare and not task:
+            task = "*"
+        if (task != "*" and task not in tasks) or not n.isdigit() or int(n) < minimum:
+            form = "TASK=N or N" if bare else "TASK=N"
+            parser.error(f"{flag} takes {form} with TASK one of {list(tasks)} and N an integer ≥ {minimum}, "
                          f"got {item!r}")
-        repeats[task] = int(n)
-    return repeats
+        values.update(dict.fromkeys(tasks if task == "*" else [task], int(n)))
+    return values
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -125,19 +134,19 @@ def build_data(args, cache=None):
     train_q, val_q, test_q = split_ids(list(chat.queries), seed=args.split_seed)
 
     # BM25 hard negatives from the training documents only (test articles stay unseen)
+    n_news, n_qa = args.hard_negatives["news"], args.hard_negatives["qa"]
     news_train = news.subset([f"q-{a}" for a in train_a])
     news_bm25 = BM25({a: news.docs[a] for a in train_a}, k1=0.5, b=0.3, cache_dir=cache)
-    n = args.hard_negatives
-    news_negs = news_bm25.hard_negatives(news_train.queries, news_train.qrels, k=10, n=n)
+    news_negs = news_bm25.hard_negatives(news_train.queries, news_train.qrels, k=10, n=n_news)
     chat_bm25 = BM25(chat.docs, k1=0.5, b=0.3, cache_dir=cache)
     chat_train = chat.subset(train_q)
-    chat_negs = chat_bm25.hard_negatives(chat_train.queries, chat_train.qrels, k=10, n=n)
+    chat_negs = chat_bm25.hard_negatives(chat_train.queries, chat_train.qrels, k=10, n=n_qa)
 
-    def examples(data, negatives, positives_of):
+    def examples(data, negatives, n, positives_of):
         out = []
         for q, text in data.queries.items():
-            # the top-n BM25 non-relevant documents, filled up with the first non-relevant ones when BM25
-            # finds fewer (every example of a batch needs the same number)
+            # the top-n BM25 non-relevant documents (n: the task's --hard-negatives), filled up with the
+            # first non-relevant ones when BM25 finds fewer (every example of a batch needs the same number)
             neg = list(negatives.get(q, []))
             neg += [d for d in data.docs if d not in data.qrels[q] and d not in neg][:n - len(neg)]
             relevant = [data.docs[d] for d in data.qrels[q]]  # the loss masks them as negatives of this query
@@ -151,8 +160,8 @@ def build_data(args, cache=None):
         "articles": by_id, "topics": topics, "eval_split": args.eval_split,
         "splits": {"news": (train_a, val_a, test_a), "qa": (train_q, val_q, test_q)},
         "news": news, "chat": chat,
-        "news_train": examples(news_train, news_negs, lambda q: news_train.qrels[q]),
-        "qa_train": examples(chat_train, chat_negs, lambda q: chat_train.qrels[q]),
+        "news_train": examples(news_train, news_negs, n_news, lambda q: news_train.qrels[q]),
+        "qa_train": examples(chat_train, chat_negs, n_qa, lambda q: chat_train.qrels[q]),
         "topic_train": [{"text": news.docs[a], "label": by_id[a]["topic"]} for a in train_a],
         "bm25": {"news": BM25(news.docs, k1=0.5, b=0.3, cache_dir=cache), "qa": chat_bm25},
     }
@@ -165,7 +174,7 @@ def retrieval_loss(args) -> DPRLoss:
 
 
 def build_tasks(args, data, tokenizer, d_model: int) -> list[Task]:
-    """The three training tasks: news and qa retrieval (DPR loss, in-batch + BM25 hard negatives),
+    """The three training tasks: news and qa retrieval (DPR loss, in-batch + --hard-negatives BM25 ones),
     topic classification (a linear head on pooled ``[batch, d_model]`` states); --batch-size,
     --train-passage-length and --repeat apply."""
     retrieval = RetrievalCollator(tokenizer, query_max_length=64, passage_max_length=args.train_passage_length)
@@ -326,7 +335,8 @@ def main(argv=None):
         summary = {
             "command": "recipes/offline.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "method": args.method, "options": options, "tasks_mode": args.tasks_mode, "lr": args.lr,
-            "epochs": args.epochs, "repeat": args.repeat, "batch_size": args.batch_size, "seed": args.seed,
+            "epochs": args.epochs, "repeat": args.repeat,
+            "hard_negatives": args.hard_negatives, "batch_size": args.batch_size, "seed": args.seed,
             "split_seed": args.split_seed,
             "processes": state.num_processes, "trainable": report.as_dict(),
             "steps": len(history["loss"]), "skipped_steps": history["skipped_steps"],

@@ -182,15 +182,33 @@ def test_offline_recipe_quick(quick_run):
     assert (quick_run / "report.md").exists() and (quick_run / "tuned" / "model.safetensors").exists()
 
 
-def test_offline_repeat_option(capsys):
-    """--repeat TASK=N upsamples a task; a bad item is a usage error naming the tasks."""
+def test_offline_per_task_options(capsys):
+    """--repeat TASK=N upsamples a task; --hard-negatives takes TASK=N or a bare N for both
+    retrieval tasks; a bad item is a usage error naming the flag and the tasks."""
     import offline
 
     assert offline.parse_args(["--repeat", "qa=3", "topic=2"]).repeat == {"news": 1, "topic": 2, "qa": 3}
-    for bad in ("chat=2", "qa=0", "qa"):
+    assert offline.parse_args([]).hard_negatives == {"news": 1, "qa": 1}
+    assert offline.parse_args(["--hard-negatives", "news=1", "qa=0"]).hard_negatives == {"news": 1, "qa": 0}
+    assert offline.parse_args(["--hard-negatives", "2"]).hard_negatives == {"news": 2, "qa": 2}
+    assert offline.parse_args(["--hard-negatives", "2", "qa=1"]).hard_negatives == {"news": 2, "qa": 1}
+    tasks = {"--repeat": "['news', 'topic', 'qa']", "--hard-negatives": "['news', 'qa']"}
+    for flag, bad in (("--repeat", "chat=2"), ("--repeat", "qa=0"), ("--repeat", "qa"), ("--repeat", "2"),
+                      ("--hard-negatives", "topic=1"), ("--hard-negatives", "qa=-1"), ("--hard-negatives", "x")):
         with pytest.raises(SystemExit):
-            offline.parse_args(["--repeat", bad])
-        assert "--repeat takes TASK=N with TASK one of ['news', 'topic', 'qa']" in capsys.readouterr().err
+            offline.parse_args([flag, bad])
+        err = capsys.readouterr().err
+        assert f"{flag} takes " in err and f"with TASK one of {tasks[flag]}" in err and repr(bad) in err
+
+
+def test_offline_qa_examples_follow_hard_negatives():
+    """Each task's training examples carry that task's number of BM25 hard negatives."""
+    import offline
+
+    args = offline.parse_args(["--max-articles", "60", "--max-questions", "40", "--hard-negatives", "news=2", "qa=0"])
+    data = offline.build_data(args)
+    assert {len(ex["negatives"]) for ex in data["news_train"]} == {2}
+    assert {len(ex["negatives"]) for ex in data["qa_train"]} == {0}
 
 
 def test_viquae_examples_name_every_relevant_passage():
