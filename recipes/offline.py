@@ -335,9 +335,8 @@ def main(argv=None):
         summary = {
             "command": "recipes/offline.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "method": args.method, "options": options, "tasks_mode": args.tasks_mode, "lr": args.lr,
-            "epochs": args.epochs, "repeat": args.repeat,
-            "hard_negatives": args.hard_negatives, "batch_size": args.batch_size, "seed": args.seed,
-            "split_seed": args.split_seed,
+            "epochs": args.epochs, "repeat": args.repeat, "hard_negatives": args.hard_negatives,
+            "batch_size": args.batch_size, "seed": args.seed, "split_seed": args.split_seed,
             "processes": state.num_processes, "trainable": report.as_dict(),
             "steps": len(history["loss"]), "skipped_steps": history["skipped_steps"],
             "first_last_loss": {t: [v[0], v[-1]] for t, v in losses.items() if v},
