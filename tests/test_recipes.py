@@ -244,6 +244,27 @@ def test_sweep_table_from_reports(quick_run, tmp_path):
     assert f"| {report['results']['news']['scores'][tuned]['mrr@10']:.3f} |" in rows[0]
 
 
+def test_sweep_table_keeps_earlier_rows(quick_run, tmp_path):
+    """A setting with no report in --output-dir keeps its row from the earlier table; a setting
+    with one gets a new row in place of its old one; rows of removed settings are dropped."""
+    import shutil
+
+    import sweep
+
+    first, second = list(sweep.SETTINGS)[:2]
+    table = tmp_path / "SWEEP.md"
+    table.write_text(f"| {first} | old |\n| {second} | 0.123 | kept |\n| a removed setting | 0.9 |\n")
+    (tmp_path / sweep.slug(first)).mkdir()
+    shutil.copy(quick_run / "report.json", tmp_path / sweep.slug(first) / "report.json")
+    assert sweep.main(["--output-dir", str(tmp_path), "--table-only", "--write", str(table)]) == 0
+    lines = table.read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| ") and " | " in line[2:] and not line.startswith("| setting")]
+    rows = [line for line in rows if not line.startswith("|---")]
+    assert [r.split(" | ")[0][2:] for r in rows] == [first, second]
+    assert rows[0] == sweep.row(first, json.loads((quick_run / "report.json").read_text()))
+    assert rows[1] == f"| {second} | 0.123 | kept |"
+
+
 def saved_parameters(run_dir):
     from safetensors.torch import load_file
 
