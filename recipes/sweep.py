@@ -156,8 +156,9 @@ def main(argv=None) -> int:
         run(name, args)
     rows = kept_rows(args.write)
     for n in SETTINGS:
-        if (args.output_dir / slug(n) / "report.json").exists():
-            rows[n] = row(n, json.loads((args.output_dir / slug(n) / "report.json").read_text()))
+        report = args.output_dir / slug(n) / "report.json"
+        if report.exists():
+            rows[n] = row(n, json.loads(report.read_text()))
     lines = [
         "# Offline recipe: settings chosen on the validation split", "",
         "Command: `python recipes/sweep.py` (each row is `python recipes/offline.py --eval-split val "
