@@ -106,12 +106,16 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
+def report_path(output_dir: Path, name: str) -> Path:
+    """Where the run of setting ``name`` leaves its report.json (its folder is its output dir)."""
+    return output_dir / slug(name) / "report.json"
+
+
 def run(name: str, args) -> dict:
-    out = args.output_dir / slug(name)
-    report = out / "report.json"
+    report = report_path(args.output_dir, name)
     if not report.exists():
         cmd = [sys.executable, str(ROOT / "recipes" / "offline.py"), "--eval-split", "val", *SETTINGS[name],
-               "--output-dir", str(out), "--cache-dir", str(args.output_dir / "cache")]
+               "--output-dir", str(report.parent), "--cache-dir", str(args.output_dir / "cache")]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
     return json.loads(report.read_text())
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
         run(name, args)
     rows = kept_rows(args.write)
     for n in SETTINGS:
-        report = args.output_dir / slug(n) / "report.json"
+        report = report_path(args.output_dir, n)
         if report.exists():
             rows[n] = row(n, json.loads(report.read_text()))
     lines = [

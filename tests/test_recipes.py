@@ -234,8 +234,8 @@ def test_sweep_table_from_reports(quick_run, tmp_path):
     import sweep
 
     name = next(iter(sweep.SETTINGS))
-    (tmp_path / sweep.slug(name)).mkdir()
-    shutil.copy(quick_run / "report.json", tmp_path / sweep.slug(name) / "report.json")
+    sweep.report_path(tmp_path, name).parent.mkdir()
+    shutil.copy(quick_run / "report.json", sweep.report_path(tmp_path, name))
     assert sweep.main(["--output-dir", str(tmp_path), "--table-only", "--write", str(tmp_path / "SWEEP.md")]) == 0
     report = json.loads((quick_run / "report.json").read_text())
     tuned = f"{report['method']} ({report['tasks_mode']})"
@@ -254,8 +254,8 @@ def test_sweep_table_keeps_earlier_rows(quick_run, tmp_path):
     first, second = list(sweep.SETTINGS)[:2]
     table = tmp_path / "SWEEP.md"
     table.write_text(f"| {first} | old |\n| {second} | 0.123 | kept |\n| a removed setting | 0.9 |\n")
-    (tmp_path / sweep.slug(first)).mkdir()
-    shutil.copy(quick_run / "report.json", tmp_path / sweep.slug(first) / "report.json")
+    sweep.report_path(tmp_path, first).parent.mkdir()
+    shutil.copy(quick_run / "report.json", sweep.report_path(tmp_path, first))
     assert sweep.main(["--output-dir", str(tmp_path), "--table-only", "--write", str(table)]) == 0
     lines = table.read_text().splitlines()
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| setting")]
