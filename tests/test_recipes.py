@@ -264,6 +264,23 @@ def test_sweep_table_keeps_earlier_rows(quick_run, tmp_path):
     assert rows[1] == f"| {second} | 0.123 | kept |"
 
 
+def test_chatterbot_splits_table(tmp_path):
+    """recipes/chatterbot_splits.py: one line per split seed and split, frozen scores that differ
+    between split seeds (other questions) and a tuned module that moved away from frozen."""
+    import chatterbot_splits
+
+    out = tmp_path / "SPLITS.md"
+    assert chatterbot_splits.main(["--split-seeds", "0", "1", "--quick", "--max-articles", "40",
+                                   "--max-questions", "60", "--cache-dir", str(tmp_path / "cache"),
+                                   "--write", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["split_seed"] for r in rows] == [0, 1] and rows[0]["questions"] == {"train": 48, "val": 6, "test": 6}
+    assert rows[0]["frozen"]["val"] != rows[1]["frozen"]["val"]
+    assert any(r["tuned"][s] != r["frozen"][s] for r in rows for s in ("val", "test"))
+    lines = [line for line in out.read_text().splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    assert len(lines) == 4 and "Mean gain over the 4 question sets" in out.read_text()
+
+
 def saved_parameters(run_dir):
     from safetensors.torch import load_file
 
