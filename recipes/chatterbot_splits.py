@@ -40,16 +40,11 @@ METRICS = ["mrr@10", "precision@1", "recall@10"]
 def qa_scores(model, tokenizer, data, args, task) -> dict[str, dict[str, float]]:
     """``{"val": {metric: value}, "test": {...}}`` of ChatterBot question → answer for one model
     (``task``: the module to encode with, ``None`` for the frozen model)."""
-    chat, normalize = data["chat"], args.similarity == "cosine"
-    doc_ids = list(chat.docs)
-    docs = petune.encode(model, tokenizer, [chat.docs[d] for d in doc_ids], task=task,
-                         max_length=args.eval_length, normalize=normalize)
-    index = DenseIndex(docs, doc_ids)
-    out = {}
-    for split, query_ids in zip(("val", "test"), data["splits"]["qa"][1:]):
-        queries = petune.encode(model, tokenizer, [chat.queries[q] for q in query_ids], task=task, max_length=64,
-                                normalize=normalize)
-        run = index.search(queries, query_ids, k=100)
+    chat, (val, test) = data["chat"], data["splits"]["qa"][1:]
+    doc_ids, docs, _, queries = offline.embed_retrieval(model, tokenizer, chat, val + test, task, args)
+    index, out = DenseIndex(docs, doc_ids), {}
+    for split, query_ids, vectors in (("val", val, queries[:len(val)]), ("test", test, queries[len(val):])):
+        run = index.search(vectors, query_ids, k=100)
         out[split] = evaluate({q: chat.qrels[q] for q in query_ids}, run, METRICS)
     return out
 

@@ -188,6 +188,19 @@ def build_tasks(args, data, tokenizer, d_model: int) -> list[Task]:
 
 
 # -- scoring ---------------------------------------------------------------------------------
+def embed_retrieval(model, tokenizer, collection, query_ids, task, args, cache=None):
+    """``(doc_ids, docs, query_ids, queries)`` of one retrieval collection as the job scores it:
+    every document (--eval-length tokens) and the given queries (64 tokens), ``[n, d_model]``
+    arrays, normalised under cosine similarity; ``task`` names the module (``None``: frozen).
+    ``encode_sharded``: the arrays arrive on the main process (``None`` on the others)."""
+    normalize, doc_ids = args.similarity == "cosine", list(collection.docs)
+    docs = encode_sharded(model, tokenizer, [collection.docs[d] for d in doc_ids], task=task,
+                          max_length=args.eval_length, normalize=normalize, cache_dir=cache)
+    queries = encode_sharded(model, tokenizer, [collection.queries[q] for q in query_ids], task=task,
+                             max_length=64, normalize=normalize, cache_dir=cache)
+    return doc_ids, docs, list(query_ids), queries
+
+
 def embed_all(model, tokenizer, data, args, task_for, cache=None):
     """Embeddings of every test query and every document, per retrieval task, plus topic vectors.
 
@@ -195,13 +208,8 @@ def embed_all(model, tokenizer, data, args, task_for, cache=None):
     process, which gets the dict (the others get ``None``)."""
     out, normalize = {}, args.similarity == "cosine"
     for name, collection in (("news", data["news"]), ("qa", data["chat"])):
-        doc_ids, query_ids = list(collection.docs), test_queries(data, name)
-        task = task_for(name)
-        docs = encode_sharded(model, tokenizer, [collection.docs[d] for d in doc_ids], task=task,
-                              max_length=args.eval_length, normalize=normalize, cache_dir=cache)
-        queries = encode_sharded(model, tokenizer, [collection.queries[q] for q in query_ids], task=task,
-                                 max_length=64, normalize=normalize, cache_dir=cache)
-        out[name] = (doc_ids, docs, query_ids, queries)
+        out[name] = embed_retrieval(model, tokenizer, collection, test_queries(data, name), task_for(name), args,
+                                    cache)
     topic_task = task_for("topic")
     ids = list(data["news"].docs)
     topic = out["news"][1] if topic_task == task_for("news") else encode_sharded(
