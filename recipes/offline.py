@@ -8,8 +8,9 @@ Tasks, trained together by petune's round-robin loop:
   topic  BBC News topic classification (cross-entropy head on pooled encoder states)
   qa     ChatterBot question → answer retrieval (DPR loss: in-batch + one BM25 hard negative;
          the smallest task, seen twice per epoch: --repeat qa=2)
-Retrieval scores by cosine similarity (scale 20 in the loss) unless --similarity dot; the
-defaults were chosen on the validation split (recipes/SWEEP.md, python recipes/sweep.py).
+Retrieval scores by cosine similarity (scale 20 in the loss) unless --similarity dot, of mean-pooled
+encoder states unless --pooling first / decoder; the defaults were chosen on the validation split
+(recipes/SWEEP.md, python recipes/sweep.py).
 
 Splits are fixed by --split-seed (80 / 10 / 10): BBC by article, ChatterBot by question. Test
 queries search the whole collection (all BBC articles / all answers). After training the job
@@ -45,7 +46,7 @@ from common import (DEFAULT_LR, RunMismatch, add_method_args, add_run_args, cach
                     method_options, start_run, write_report)
 from petune.data.packaged import bbc_news, bbc_retrieval, chatterbot_qa, split_ids  # noqa: E402
 from petune.dist import process_state  # noqa: E402
-from petune.embed import encode_sharded  # noqa: E402
+from petune.embed import POOLINGS, encode_sharded  # noqa: E402
 from petune.score import BM25, DenseIndex, compare, knn_scores, p_values, report_markdown  # noqa: E402
 from petune.train import (ClassificationCollator, ClassificationLoss, DPRLoss, RetrievalCollator, Task,  # noqa: E402
                           Trainer)
@@ -75,6 +76,10 @@ def parse_args(argv=None):
                         help="dot: inner product (DPR); cosine: normalised embeddings, scores times --scale in "
                         "the loss (sentence-transformers' MultipleNegativesRankingLoss); used in training and scoring")
     parser.add_argument("--scale", type=float, default=20.0, help="cosine scale in the loss (1 / temperature)")
+    parser.add_argument("--pooling", default="mean", choices=POOLINGS,
+                        help="how a text becomes one vector (petune.encode): mean of encoder states (what "
+                        "all-MiniLM-L6-v2 was trained with), first token (CLS, as in DPR) or the decoder's "
+                        "start position; used in training and scoring")
     parser.add_argument("--mask-false-negatives", action=argparse.BooleanOptionalAction, default=True,
                         help="leave passages relevant to a query (other answers of the same question) out of "
                         "its in-batch and hard negatives")
@@ -169,7 +174,7 @@ def build_data(args, cache=None):
 
 def retrieval_loss(args) -> DPRLoss:
     """The DPR loss of --similarity: inner product, or cosine times --scale."""
-    return DPRLoss(scale=args.scale if args.similarity == "cosine" else None,
+    return DPRLoss(args.pooling, scale=args.scale if args.similarity == "cosine" else None,
                    mask_false_negatives=args.mask_false_negatives)
 
 
@@ -181,7 +186,7 @@ def build_tasks(args, data, tokenizer, d_model: int) -> list[Task]:
     topic = ClassificationCollator(tokenizer, data["topics"], max_length=args.train_passage_length)
     return [Task("news", data["news_train"], retrieval, retrieval_loss(args), batch_size=args.batch_size,
                  drop_last=True, repeat=args.repeat["news"]),
-            Task("topic", data["topic_train"], topic, ClassificationLoss(d_model, len(data["topics"])),
+            Task("topic", data["topic_train"], topic, ClassificationLoss(d_model, len(data["topics"]), args.pooling),
                  batch_size=args.batch_size, repeat=args.repeat["topic"]),
             Task("qa", data["qa_train"], retrieval, retrieval_loss(args), batch_size=args.batch_size,
                  drop_last=True, repeat=args.repeat["qa"])]
@@ -195,9 +200,9 @@ def embed_retrieval(model, tokenizer, collection, query_ids, task, args, cache=N
     ``encode_sharded``: the arrays arrive on the main process (``None`` on the others)."""
     normalize, doc_ids = args.similarity == "cosine", list(collection.docs)
     docs = encode_sharded(model, tokenizer, [collection.docs[d] for d in doc_ids], task=task,
-                          max_length=args.eval_length, normalize=normalize, cache_dir=cache)
+                          max_length=args.eval_length, normalize=normalize, pooling=args.pooling, cache_dir=cache)
     queries = encode_sharded(model, tokenizer, [collection.queries[q] for q in query_ids], task=task,
-                             max_length=64, normalize=normalize, cache_dir=cache)
+                             max_length=64, normalize=normalize, pooling=args.pooling, cache_dir=cache)
     return doc_ids, docs, list(query_ids), queries
 
 
@@ -214,7 +219,7 @@ def embed_all(model, tokenizer, data, args, task_for, cache=None):
     ids = list(data["news"].docs)
     topic = out["news"][1] if topic_task == task_for("news") else encode_sharded(
         model, tokenizer, [data["news"].docs[a] for a in ids], task=topic_task, max_length=args.eval_length,
-        normalize=normalize, cache_dir=cache)
+        normalize=normalize, pooling=args.pooling, cache_dir=cache)
     if topic is None:  # not the main process
         return None
     out["topic"] = dict(zip(ids, topic))

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "recipes"))
 
+import petune  # noqa: E402
 from petune.data import viquae  # noqa: E402
 
 ENTITIES = [  # (wikipedia_id, title, answer, question template)
@@ -209,6 +210,28 @@ def test_offline_qa_examples_follow_hard_negatives():
     data = offline.build_data(args)
     assert {len(ex["negatives"]) for ex in data["news_train"]} == {2}
     assert {len(ex["negatives"]) for ex in data["qa_train"]} == {0}
+
+
+def test_offline_pooling_reaches_losses_and_scoring():
+    """--pooling is what every training loss pools with and what the scoring encodes with: the
+    frozen embeddings equal petune.encode's with that pooling, and differ from mean pooling's."""
+    import numpy as np
+
+    import offline
+    from common import load_model
+
+    args = offline.parse_args(["--pooling", "first", "--max-articles", "30", "--max-questions", "20"])
+    data = offline.build_data(args)
+    model, tokenizer = load_model(None)
+    assert {t.loss.pooling for t in offline.build_tasks(args, data, tokenizer, 384)} == {"first"}
+    queries = list(data["chat"].queries)[:3]
+    _, docs, _, q = offline.embed_retrieval(model, tokenizer, data["chat"], queries, None, args)
+    texts = [data["chat"].docs[d] for d in data["chat"].docs]
+    first = petune.encode(model, tokenizer, texts, pooling="first", normalize=True, max_length=args.eval_length)
+    np.testing.assert_allclose(docs, first, atol=1e-5)
+    assert q.shape == (3, 384)
+    mean = petune.encode(model, tokenizer, texts, normalize=True, max_length=args.eval_length)
+    assert not np.allclose(first, mean, atol=1e-3)
 
 
 def test_viquae_examples_name_every_relevant_passage():
