@@ -193,16 +193,23 @@ def build_tasks(args, data, tokenizer, d_model: int) -> list[Task]:
 
 
 # -- scoring ---------------------------------------------------------------------------------
+def embed_docs(model, tokenizer, texts, task, args, cache=None):
+    """Documents as the job scores them: --eval-length tokens, --pooling, normalised under cosine
+    similarity; ``[n, d_model]`` on the main process (``None`` on the others, ``encode_sharded``);
+    ``task`` names the module (``None``: frozen)."""
+    return encode_sharded(model, tokenizer, texts, task=task, max_length=args.eval_length,
+                          normalize=args.similarity == "cosine", pooling=args.pooling, cache_dir=cache)
+
+
 def embed_retrieval(model, tokenizer, collection, query_ids, task, args, cache=None):
     """``(doc_ids, docs, query_ids, queries)`` of one retrieval collection as the job scores it:
-    every document (--eval-length tokens) and the given queries (64 tokens), ``[n, d_model]``
-    arrays, normalised under cosine similarity; ``task`` names the module (``None``: frozen).
+    every document (:func:`embed_docs`) and the given queries (64 tokens, the same pooling and
+    normalisation), ``[n, d_model]`` arrays; ``task`` names the module (``None``: frozen).
     ``encode_sharded``: the arrays arrive on the main process (``None`` on the others)."""
-    normalize, doc_ids = args.similarity == "cosine", list(collection.docs)
-    docs = encode_sharded(model, tokenizer, [collection.docs[d] for d in doc_ids], task=task,
-                          max_length=args.eval_length, normalize=normalize, pooling=args.pooling, cache_dir=cache)
-    queries = encode_sharded(model, tokenizer, [collection.queries[q] for q in query_ids], task=task,
-                             max_length=64, normalize=normalize, pooling=args.pooling, cache_dir=cache)
+    doc_ids = list(collection.docs)
+    docs = embed_docs(model, tokenizer, [collection.docs[d] for d in doc_ids], task, args, cache)
+    queries = encode_sharded(model, tokenizer, [collection.queries[q] for q in query_ids], task=task, max_length=64,
+                             normalize=args.similarity == "cosine", pooling=args.pooling, cache_dir=cache)
     return doc_ids, docs, list(query_ids), queries
 
 
@@ -211,15 +218,14 @@ def embed_all(model, tokenizer, data, args, task_for, cache=None):
 
     Every process encodes its share (``encode_sharded``); the embeddings arrive on the main
     process, which gets the dict (the others get ``None``)."""
-    out, normalize = {}, args.similarity == "cosine"
+    out = {}
     for name, collection in (("news", data["news"]), ("qa", data["chat"])):
         out[name] = embed_retrieval(model, tokenizer, collection, test_queries(data, name), task_for(name), args,
                                     cache)
     topic_task = task_for("topic")
     ids = list(data["news"].docs)
-    topic = out["news"][1] if topic_task == task_for("news") else encode_sharded(
-        model, tokenizer, [data["news"].docs[a] for a in ids], task=topic_task, max_length=args.eval_length,
-        normalize=normalize, pooling=args.pooling, cache_dir=cache)
+    topic = out["news"][1] if topic_task == task_for("news") else embed_docs(
+        model, tokenizer, [data["news"].docs[a] for a in ids], topic_task, args, cache)
     if topic is None:  # not the main process
         return None
     out["topic"] = dict(zip(ids, topic))

@@ -223,13 +223,14 @@ def test_offline_pooling_reaches_losses_and_scoring():
     args = offline.parse_args(["--pooling", "first", "--max-articles", "30", "--max-questions", "20"])
     data = offline.build_data(args)
     model, tokenizer = load_model(None)
-    assert {t.loss.pooling for t in offline.build_tasks(args, data, tokenizer, 384)} == {"first"}
+    tasks = offline.build_tasks(args, data, tokenizer, petune.models.d_model(model))
+    assert {t.loss.pooling for t in tasks} == {"first"}
     queries = list(data["chat"].queries)[:3]
     _, docs, _, q = offline.embed_retrieval(model, tokenizer, data["chat"], queries, None, args)
     texts = [data["chat"].docs[d] for d in data["chat"].docs]
     first = petune.encode(model, tokenizer, texts, pooling="first", normalize=True, max_length=args.eval_length)
     np.testing.assert_allclose(docs, first, atol=1e-5)
-    assert q.shape == (3, 384)
+    assert q.shape == (3, petune.models.d_model(model))
     mean = petune.encode(model, tokenizer, texts, normalize=True, max_length=args.eval_length)
     assert not np.allclose(first, mean, atol=1e-3)
 
