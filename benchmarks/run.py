@@ -10,6 +10,8 @@ Rows: frozen (zero-shot), full fine-tuning, prompt tuning (20 tokens), one bottl
 writes benchmarks/runs/<method>-<seed>.json; the frozen run's ranx runs are kept so every row is
 tested against it (Fisher's randomization test, p ≤ 0.01). Then the table (RESULTS.md, LaTeX),
 results.json and plots (PNG) are written. Timings are never asserted in tests.
+The learning rates in ROWS come from benchmarks/lr_sweep.py (benchmarks/LR_SWEEP.md), which runs
+rows with ``--lr`` and ``--eval-split val``: the validation split, so that test is never used to choose.
 """
 
 from __future__ import annotations
@@ -76,7 +78,10 @@ def run_one(name: str, seed: int, args) -> dict:
 
     register_full_finetuning()
     method, options, mode, lr = ROWS[name]
-    argv = ["--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+    if method is not None and args.lr:
+        lr = args.lr
+    argv = ["--eval-split", args.eval_split, "--seed", str(seed), "--epochs", str(args.epochs),
+            "--batch-size", str(args.batch_size),
             "--max-articles", str(args.max_articles), "--max-questions", str(args.max_questions),
             "--body-chars", str(args.body_chars), "--train-passage-length", str(args.passage_length),
             "--eval-length", str(args.eval_length), "--output-dir", str(args.work / SLUG[name])]
@@ -128,7 +133,7 @@ def summarise(args) -> None:
     from petune.score import compare
 
     rargs = offline.parse_args(["--max-articles", str(args.max_articles), "--max-questions", str(args.max_questions),
-                                "--body-chars", str(args.body_chars)])
+                                "--body-chars", str(args.body_chars), "--eval-split", args.eval_split])
     data = offline.build_data(rargs)
     runs = {}
     for f in sorted(args.work.glob("*.json")):
@@ -147,7 +152,7 @@ def summarise(args) -> None:
         if name not in runs:
             continue
         rows = runs[name]
-        entry = {"seeds": [r["seed"] for r in rows], "trainable": rows[0]["trainable"],
+        entry = {"seeds": [r["seed"] for r in rows], "lr": rows[0]["lr"], "trainable": rows[0]["trainable"],
                  "trainable_percent": rows[0]["trainable_percent"], "saved_mib": rows[0]["saved_bytes"] / 2**20}
         for task in ("news", "qa"):
             test = tests[task]
@@ -214,9 +219,9 @@ def write_markdown(table, meta, out: Path):
         f"Data: recipes/offline.py tasks, {meta.get('sizes', '')}; seeds {any_row['seeds']} "
         "(quality: mean ± std over seeds; frozen is deterministic and runs once).", "",
         *lines, "",
-        "Learning rates (AdamW, linear warmup 10 % + decay): "
-        + ", ".join(f"{n} {lr:g}" for n, (_, _, _, lr) in ROWS.items() if lr) + ".  ",
-        f"BM25 MRR@10 on the same test queries: news {any_row['news']['bm25_mrr@10']:.3f}, "
+        "Learning rates (AdamW, linear warmup 10 % + decay; benchmarks/LR_SWEEP.md): "
+        + ", ".join(f"{n} {e['lr']:g}" for n, e in table.items() if e["lr"]) + ".  ",
+        f"BM25 MRR@10 on the same {meta.get('split', 'test')} queries: news {any_row['news']['bm25_mrr@10']:.3f}, "
         f"qa {any_row['qa']['bm25_mrr@10']:.3f}.  ",
         "† significantly better than frozen, ‡ than BM25, on MRR@10 with every seed (Fisher's randomization "
         "test, p ≤ 0.01). s/step: median wall time of an optimizer step (all three tasks interleaved). "
@@ -357,7 +362,8 @@ def plot(table, out: Path):
     fig.savefig(out / "cost.png", dpi=120)
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (benchmarks/lr_sweep.py reads its sizes from here too)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"subset of {list(ROWS)}")
@@ -374,10 +380,25 @@ def main():
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny subsets: a few minutes")
     parser.add_argument("--one", help="(internal) run one row in this process")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the tables and plots")
-    args = parser.parse_args()
+    parser.add_argument("--eval-split", default="test", choices=["test", "val"],
+                        help="split scored (val: for choosing settings, benchmarks/lr_sweep.py)")
+    parser.add_argument("--lr", type=float, help="learning rate of every tuned row instead of ROWS' own")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
     if args.quick:
         args.seeds, args.max_articles, args.max_questions = [0], 120, 80
         args.body_chars, args.passage_length, args.eval_length, args.throughput_texts = 300, 48, 64, 32
+    return args
+
+
+def main():
+    args = parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.one:
         seed = args.seeds[0]
@@ -391,6 +412,7 @@ def main():
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
                            f"torch {torch.__version__}, Python {platform.python_version()}",
+                "split": args.eval_split,
                 "sizes": f"{args.max_articles} BBC articles, {args.max_questions} ChatterBot questions, "
                          f"{args.epochs} epoch(s), batch {args.batch_size}, passages {args.passage_length} tokens"}
         (args.work / "meta.json").write_text(json.dumps(meta))
@@ -401,7 +423,8 @@ def main():
                        "--max-articles", str(args.max_articles), "--max-questions", str(args.max_questions),
                        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                        "--body-chars", str(args.body_chars), "--passage-length", str(args.passage_length),
-                       "--eval-length", str(args.eval_length), "--throughput-texts", str(args.throughput_texts)]
+                       "--eval-length", str(args.eval_length), "--throughput-texts", str(args.throughput_texts),
+                       "--eval-split", args.eval_split, *(["--lr", str(args.lr)] if args.lr else [])]
                 subprocess.run(cmd, check=True)
                 print(f"{name} seed {seed}: {time.time() - started:.0f} s", flush=True)
     summarise(args)

@@ -62,3 +62,37 @@ def test_stats_interval_and_verdict():
     assert ratio_ci([1.0, 1.02, 0.98, 1.01]) == ratio_ci([1.0, 1.02, 0.98, 1.01])  # seeded
     assert verdict(ci, 1.05) == "met" and verdict(ci, 0.9) == "not met" and verdict(ci, 1.0) == "undecided"
     assert verdict(ci, 0.9, higher_is_better=True) == "met"
+
+
+def test_lr_sweep_quick_trains_each_rate_on_validation(tmp_path):
+    """benchmarks/lr_sweep.py --quick: one run.py process per learning rate, each recorded with that
+    rate and scored on the validation queries only; the table marks one choice."""
+    sys.path[:0] = [str(ROOT / "recipes"), str(ROOT / "benchmarks")]
+    import offline
+    from run import parse_args as benchmark_args
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "lr_sweep.py"), "--quick", "--rows", "LoRA r=8",
+           "--lrs", "0.002", "0.006", "--work", str(tmp_path / "runs"), "--write", str(tmp_path / "LR.md")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    quick = benchmark_args(["--quick"])
+    data = offline.build_data(offline.parse_args(["--max-articles", str(quick.max_articles), "--eval-split", "val",
+                                                  "--max-questions", str(quick.max_questions),
+                                                  "--body-chars", str(quick.body_chars)]))
+    for lr in (0.002, 0.006):
+        run = json.loads((tmp_path / "runs" / f"lr-{lr:g}" / "lora-r8-0.json").read_text())
+        assert run["lr"] == lr
+        assert set(run["runs"]["news"]) == set(offline.test_queries(data, "news"))  # validation, not test
+        assert set(run["runs"]["qa"]) == set(offline.test_queries(data, "qa"))
+    table = (tmp_path / "LR.md").read_text()
+    assert table.count("| LoRA r=8 |") == 2 and table.count("**chosen**") == 1
+
+
+def test_lr_sweep_chooses_best_mean_and_lower_rate_on_ties():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from lr_sweep import chosen
+
+    scores = {("m", 0.001): {"mean": 0.5}, ("m", 0.003): {"mean": 0.6}, ("m", 0.01): {"mean": 0.6},
+              ("other", 0.1): {"mean": 0.9}}
+    assert chosen(scores, "m") == 0.003
+    assert chosen({("m", 0.003): {"mean": 0.4}, ("m", 0.001): {"mean": 0.45}}, "m") == 0.001
