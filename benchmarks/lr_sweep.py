@@ -10,7 +10,8 @@ it and three times it), one seed, the benchmark's sizes and tasks, and scored on
 Each run is its own run.py process, its JSON kept in --work (lr-<lr>/), so an interrupted sweep
 resumes where it stopped. The table (benchmarks/LR_SWEEP.md unless --write) gives validation
 MRR@10 of both retrieval tasks, their mean (what chooses, ties to the lower learning rate) and
-topic kNN accuracy, and marks the choice per method; ROWS takes the chosen rates.
+topic kNN accuracy, with the frozen model as a reference row, and marks the choice per method;
+benchmarks/run.py ROWS takes the chosen rates.
 """
 
 from __future__ import annotations
@@ -54,16 +55,17 @@ def parse_args(argv=None):
     return args
 
 
-def run_file(args, name: str, lr: float) -> Path:
-    return args.work / f"lr-{lr:g}" / f"{bench.SLUG[name]}-{args.seed}.json"
+def run_file(args, name: str, lr: float | None) -> Path:
+    return args.work / (f"lr-{lr:g}" if lr else "frozen") / f"{bench.SLUG[name]}-{args.seed}.json"
 
 
-def train_and_score(args, name: str, lr: float) -> dict:
-    """One run.py process on the validation split (skipped when its JSON is already there)."""
+def train_and_score(args, name: str, lr: float | None) -> dict:
+    """One run.py process on the validation split (skipped when its JSON is already there);
+    ``lr`` None for the frozen row (the reference, untrained)."""
     path = run_file(args, name, lr)
     if not path.exists():
-        cmd = [sys.executable, str(HERE / "run.py"), "--one", name, "--seeds", str(args.seed), "--lr", str(lr),
-               "--eval-split", "val", "--work", str(path.parent)]
+        cmd = [sys.executable, str(HERE / "run.py"), "--one", name, "--seeds", str(args.seed),
+               *(["--lr", str(lr)] if lr else []), "--eval-split", "val", "--work", str(path.parent)]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd + (["--quick"] if args.quick else []), check=True)
     return json.loads(path.read_text())
@@ -90,14 +92,18 @@ def validation_scores(args, results: dict[tuple[str, float], dict]) -> dict[tupl
 
 def chosen(scores: dict[tuple[str, float], dict], name: str) -> float:
     """The learning rate with the best mean validation MRR@10 (ties: the lower rate)."""
-    rates = sorted(lr for n, lr in scores if n == name)
+    rates = sorted(lr for n, lr in scores if n == name and lr)
     return max(rates, key=lambda lr: (round(scores[name, lr]["mean"], 6), -lr))
 
 
 def table(args, scores) -> str:
-    names = list(dict.fromkeys(n for n, _ in scores))
+    names = list(dict.fromkeys(n for n, lr in scores if lr))
     lines = ["| method | lr | news MRR@10 | qa MRR@10 | mean | topic kNN acc | |",
              "|---|---|---|---|---|---|---|"]
+    if ("frozen", None) in scores:
+        s = scores["frozen", None]
+        lines.append(f"| frozen | – | {s['news']:.3f} | {s['qa']:.3f} | {s['mean']:.3f} | {s['topic']:.3f} | "
+                     "reference, untrained |")
     for name in names:
         best = chosen(scores, name)
         for lr in sorted(lr for n, lr in scores if n == name):
@@ -121,8 +127,9 @@ def table(args, scores) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.command = shlex.join(["python", "benchmarks/lr_sweep.py", *(sys.argv[1:] if argv is None else argv)])
-    results = {(name, lr): train_and_score(args, name, lr)
-               for name in args.rows for lr in (args.lrs or GRID[name])}
+    results = {("frozen", None): train_and_score(args, "frozen", None)}
+    results.update({(name, lr): train_and_score(args, name, lr)
+                    for name in args.rows for lr in (args.lrs or GRID[name])})
     scores = validation_scores(args, results)
     text = table(args, scores)
     args.write.write_text(text)

@@ -36,7 +36,7 @@ ROWS = {  # name: (method, options, tasks mode, lr)
     "full fine-tuning": ("full", {}, "single", 5e-5),
     "prompt tuning": ("prompt", {"num_virtual_tokens": 20}, "single", 3e-2),
     "adapter (single)": ("adapter", {"reduction_factor": 8}, "single", 1e-3),
-    "adapter (per task)": ("adapter", {"reduction_factor": 8}, "multi", 1e-3),
+    "adapter (per task)": ("adapter", {"reduction_factor": 8}, "multi", 3e-3),
     "(IA)^3": ("ia3", {}, "single", 1e-2),
     "LoRA r=8": ("lora", {"r": 8, "alpha": 16}, "single", 2e-3),
 }

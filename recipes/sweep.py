@@ -157,6 +157,10 @@ all of its gain (0.759 vs 0.831 with its own adapter). Scoring is faster with on
 encoding 85 s instead of about 170 s: the BBC collection is encoded once), but one adapter per
 task stays.
 
+The benchmark's learning rate per method (prompt tuning, one adapter, one adapter per task,
+(IA)^3, LoRA) is chosen on the validation split of its own subsets by `python
+benchmarks/lr_sweep.py`: benchmarks/LR_SWEEP.md.
+
 The train s of the first two rows, of the qa-twice row and of the "no qa hard negatives" row are
 inflated: tests ran on the machine meanwhile (recipes/RESULTS.md has the default run's own time);
 so is the total s of the "2 news hard negatives" row (other jobs during its frozen encoding).

@@ -85,7 +85,7 @@ def test_lr_sweep_quick_trains_each_rate_on_validation(tmp_path):
         assert set(run["runs"]["news"]) == set(offline.test_queries(data, "news"))  # validation, not test
         assert set(run["runs"]["qa"]) == set(offline.test_queries(data, "qa"))
     table = (tmp_path / "LR.md").read_text()
-    assert table.count("| LoRA r=8 |") == 2 and table.count("**chosen**") == 1
+    assert table.count("| LoRA r=8 |") == 2 and table.count("**chosen**") == 1 and "| frozen | – |" in table
 
 
 def test_lr_sweep_chooses_best_mean_and_lower_rate_on_ties():
