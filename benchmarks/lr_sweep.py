@@ -71,7 +71,7 @@ def train_and_score(args, name: str, lr: float | None) -> dict:
     return json.loads(path.read_text())
 
 
-def validation_scores(args, results: dict[tuple[str, float], dict]) -> dict[tuple[str, float], dict]:
+def validation_scores(args, results: dict[tuple[str, float | None], dict]) -> dict[tuple[str, float | None], dict]:
     """Validation MRR@10 per retrieval task (ranx), their mean, and topic kNN accuracy, per run."""
     from ranx import Qrels, Run, evaluate
 
@@ -90,7 +90,7 @@ def validation_scores(args, results: dict[tuple[str, float], dict]) -> dict[tupl
     return out
 
 
-def chosen(scores: dict[tuple[str, float], dict], name: str) -> float:
+def chosen(scores: dict[tuple[str, float | None], dict], name: str) -> float:
     """The learning rate with the best mean validation MRR@10 (ties: the lower rate)."""
     rates = sorted(lr for n, lr in scores if n == name and lr)
     return max(rates, key=lambda lr: (round(scores[name, lr]["mean"], 6), -lr))
