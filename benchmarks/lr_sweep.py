@@ -77,10 +77,7 @@ def validation_scores(args, results: dict[tuple[str, float | None], dict]) -> di
 
     import offline
 
-    sizes = bench.parse_args(["--quick"] if args.quick else [])
-    data = offline.build_data(offline.parse_args([
-        "--max-articles", str(sizes.max_articles), "--max-questions", str(sizes.max_questions),
-        "--body-chars", str(sizes.body_chars), "--eval-split", "val"]))
+    data = bench.scored_data(bench.parse_args(["--eval-split", "val", *(["--quick"] if args.quick else [])]))
     qrels = {task: Qrels((data["news"] if task == "news" else data["chat"]).subset(
         offline.test_queries(data, task)).qrels) for task in ("news", "qa")}
     out = {}

@@ -124,6 +124,16 @@ def significant_win(report, other: str, metric: str = "mrr@10") -> bool:
     return better and report.comparisons["system", other][metric]["p_value"] <= 0.01
 
 
+def scored_data(args) -> dict:
+    """recipes/offline.py's data (``build_data``) at the benchmark's --max-articles, --max-questions
+    and --body-chars, scoring its --eval-split: what every run of these options is scored on."""
+    import offline
+
+    return offline.build_data(offline.parse_args([
+        "--max-articles", str(args.max_articles), "--max-questions", str(args.max_questions),
+        "--body-chars", str(args.body_chars), "--eval-split", args.eval_split]))
+
+
 def summarise(args) -> None:
     """Read benchmarks/runs/*.json; write RESULTS.md, results.tex, results.json and the plots."""
     import numpy as np
@@ -132,9 +142,7 @@ def summarise(args) -> None:
     import offline
     from petune.score import compare
 
-    rargs = offline.parse_args(["--max-articles", str(args.max_articles), "--max-questions", str(args.max_questions),
-                                "--body-chars", str(args.body_chars), "--eval-split", args.eval_split])
-    data = offline.build_data(rargs)
+    data = scored_data(args)
     runs = {}
     for f in sorted(args.work.glob("*.json")):
         if f.name == "meta.json":

@@ -70,15 +70,13 @@ def test_lr_sweep_quick_trains_each_rate_on_validation(tmp_path):
     sys.path[:0] = [str(ROOT / "recipes"), str(ROOT / "benchmarks")]
     import offline
     from run import parse_args as benchmark_args
+    from run import scored_data
 
     cmd = [sys.executable, str(ROOT / "benchmarks" / "lr_sweep.py"), "--quick", "--rows", "LoRA r=8",
            "--lrs", "0.002", "0.006", "--work", str(tmp_path / "runs"), "--write", str(tmp_path / "LR.md")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    quick = benchmark_args(["--quick"])
-    data = offline.build_data(offline.parse_args(["--max-articles", str(quick.max_articles), "--eval-split", "val",
-                                                  "--max-questions", str(quick.max_questions),
-                                                  "--body-chars", str(quick.body_chars)]))
+    data = scored_data(benchmark_args(["--quick", "--eval-split", "val"]))
     for lr in (0.002, 0.006):
         run = json.loads((tmp_path / "runs" / f"lr-{lr:g}" / "lora-r8-0.json").read_text())
         assert run["lr"] == lr
