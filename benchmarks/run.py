@@ -80,10 +80,8 @@ def run_one(name: str, seed: int, args) -> dict:
     method, options, mode, lr = ROWS[name]
     if method is not None and args.lr:
         lr = args.lr
-    argv = ["--eval-split", args.eval_split, "--seed", str(seed), "--epochs", str(args.epochs),
-            "--batch-size", str(args.batch_size),
-            "--max-articles", str(args.max_articles), "--max-questions", str(args.max_questions),
-            "--body-chars", str(args.body_chars), "--train-passage-length", str(args.passage_length),
+    argv = [*data_options(args), "--seed", str(seed), "--epochs", str(args.epochs),
+            "--batch-size", str(args.batch_size), "--train-passage-length", str(args.passage_length),
             "--eval-length", str(args.eval_length), "--output-dir", str(args.work / SLUG[name])]
     rargs = offline.parse_args(argv)
     torch.manual_seed(seed)
@@ -124,14 +122,19 @@ def significant_win(report, other: str, metric: str = "mrr@10") -> bool:
     return better and report.comparisons["system", other][metric]["p_value"] <= 0.01
 
 
+def data_options(args) -> list[str]:
+    """recipes/offline.py options that fix the benchmark's data: --max-articles, --max-questions,
+    --body-chars and the scored --eval-split."""
+    return ["--max-articles", str(args.max_articles), "--max-questions", str(args.max_questions),
+            "--body-chars", str(args.body_chars), "--eval-split", args.eval_split]
+
+
 def scored_data(args) -> dict:
-    """recipes/offline.py's data (``build_data``) at the benchmark's --max-articles, --max-questions
-    and --body-chars, scoring its --eval-split: what every run of these options is scored on."""
+    """recipes/offline.py's data (``build_data``) at :func:`data_options`: what every run of these
+    options is scored on."""
     import offline
 
-    return offline.build_data(offline.parse_args([
-        "--max-articles", str(args.max_articles), "--max-questions", str(args.max_questions),
-        "--body-chars", str(args.body_chars), "--eval-split", args.eval_split]))
+    return offline.build_data(offline.parse_args(data_options(args)))
 
 
 def summarise(args) -> None:
