@@ -154,7 +154,8 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
         progress: show a tqdm bar; default: when there are more than 10 batches.
         cache_dir: reuse the embeddings stored there when the model weights, tokenizer, texts and
             every option above but ``batch_size`` / ``progress`` are the same (the log says so);
-            otherwise compute and store them (``.npy``, written atomically). See :mod:`petune.cache`.
+            otherwise compute and store them (``.npy``, written atomically). The decoder's own
+            weights count only under ``pooling="decoder"``. See :mod:`petune.cache`.
 
     Returns:
         ``np.ndarray`` of shape ``[len(texts), d]``, dtype float32.
@@ -259,7 +260,22 @@ def _cache_key(model, tokenizer, texts, options: dict) -> str:
         options["images"] = images_digest(options["images"])
     tok = [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
            len(tokenizer) if hasattr(tokenizer, "__len__") else None]  # added tokens change the ids
-    return fingerprint(weights_fingerprint(model), tok, texts_fingerprint(texts), options)
+    return fingerprint(weights_fingerprint(model, exclude=_decoder_only(model, options["pooling"])), tok,
+                       texts_fingerprint(texts), options)
+
+
+def _decoder_only(model, pooling: str) -> list:
+    """The decoder's own parameters and buffers (not those it shares with the encoder, such as tied
+    embeddings): pooling encoder states never runs them, so the cache key leaves them out and a
+    decoder initialised from another seed (BERT2BERT's new cross-attention) still hits the cache."""
+    if pooling == "decoder":
+        return []
+    base = base_of(model)
+    if not hasattr(base, "get_decoder"):
+        return []
+    encoder, decoder = base.get_encoder(), base.get_decoder()
+    shared = {id(t) for t in [*encoder.parameters(), *encoder.buffers()]}
+    return [t for t in [*decoder.parameters(), *decoder.buffers()] if id(t) not in shared]
 
 
 def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_dir: str | os.PathLike | None = None,

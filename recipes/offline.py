@@ -214,7 +214,8 @@ def embed_retrieval(model, tokenizer, collection, query_ids, task, args, cache=N
 
 
 def embed_all(model, tokenizer, data, args, task_for, cache=None):
-    """Embeddings of every test query and every document, per retrieval task, plus topic vectors.
+    """Embeddings of every scored query and every document, per retrieval task, plus topic vectors
+    (``{article id: [d_model]}``: the training articles and the scored ones, what kNN reads).
 
     Every process encodes its share (``encode_sharded``); the embeddings arrive on the main
     process, which gets the dict (the others get ``None``)."""
@@ -223,9 +224,11 @@ def embed_all(model, tokenizer, data, args, task_for, cache=None):
         out[name] = embed_retrieval(model, tokenizer, collection, test_queries(data, name), task_for(name), args,
                                     cache)
     topic_task = task_for("topic")
-    ids = list(data["news"].docs)
-    topic = out["news"][1] if topic_task == task_for("news") else embed_docs(
-        model, tokenizer, [data["news"].docs[a] for a in ids], topic_task, args, cache)
+    if topic_task == task_for("news"):  # one module: the BBC articles are encoded already
+        ids, topic = list(data["news"].docs), out["news"][1]
+    else:  # only what kNN reads: the training articles (its memory) and the scored ones
+        ids = [*data["splits"]["news"][0], *scored_ids(data, "news")]
+        topic = embed_docs(model, tokenizer, [data["news"].docs[a] for a in ids], topic_task, args, cache)
     if topic is None:  # not the main process
         return None
     out["topic"] = dict(zip(ids, topic))

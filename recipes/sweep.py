@@ -53,6 +53,7 @@ SETTINGS = {
     "cosine, batch 32, qa twice per epoch, 2 epochs": [*CHOSEN, "--epochs", "2"],
     "cosine, batch 32, qa twice per epoch, first-token pooling": [*CHOSEN, "--pooling", "first"],
     "cosine, batch 32, qa twice per epoch, one adapter shared by the tasks": [*CHOSEN, "--tasks-mode", "single"],
+    "cosine, batch 32, qa twice per epoch, 128-token evaluation passages": [*CHOSEN, "--eval-length", "128"],
     "cosine, batch 64": ["--similarity", "cosine", "--batch-size", "64", *QA_ONCE],
 }
 

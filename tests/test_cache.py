@@ -47,6 +47,22 @@ def test_encode_cache_hits_and_misses(tmp_path, monkeypatch, caplog):
     assert len(list(tmp_path.glob("embeddings-*.npy"))) == 2
 
 
+def test_encode_cache_ignores_the_decoder_unless_it_pools_there(tmp_path):
+    model, tok = tiny("bart"), CharTokenizer()  # tied embeddings: shared by encoder and decoder
+    first = petune.encode(model, tok, TEXTS, cache_dir=tmp_path)
+    pooled_by_decoder = petune.encode(model, tok, TEXTS, cache_dir=tmp_path, pooling="decoder")
+    with torch.no_grad():
+        model.get_decoder().layers[0].encoder_attn.v_proj.weight.mul_(2.0)  # as another seed's cross-attention
+    assert len(list(tmp_path.glob("embeddings-*.npy"))) == 2
+    np.testing.assert_array_equal(petune.encode(model, tok, TEXTS, cache_dir=tmp_path), first)
+    assert len(list(tmp_path.glob("embeddings-*.npy"))) == 2  # a hit: the encoder never runs that weight
+    assert not np.allclose(petune.encode(model, tok, TEXTS, cache_dir=tmp_path, pooling="decoder"), pooled_by_decoder)
+    with torch.no_grad():
+        model.get_decoder().embed_tokens.weight.mul_(1.1)  # shared with the encoder: a miss
+    assert not np.allclose(petune.encode(model, tok, TEXTS, cache_dir=tmp_path), first)
+    assert len(list(tmp_path.glob("embeddings-*.npy"))) == 4  # + the decoder-pooled one after the change
+
+
 def test_encode_cache_keys_the_task(tmp_path):
     tuned = petune.attach(tiny("t5"), "lora", r=4, tasks=["a", "b"])
     with torch.no_grad():

@@ -212,6 +212,31 @@ def test_offline_qa_examples_follow_hard_negatives():
     assert {len(ex["negatives"]) for ex in data["qa_train"]} == {0}
 
 
+def test_offline_topic_module_encodes_only_what_knn_reads(monkeypatch, minilm_bert2bert, minilm_tokenizer):
+    """With its own module, topic kNN encodes the training articles (its memory) and the scored ones,
+    not the other held-out split; sharing the news module, it reuses news' encoding of every article."""
+    import offline
+
+    args = offline.parse_args(["--max-articles", "60", "--max-questions", "40", "--eval-length", "32"])
+    data = offline.build_data(args)
+    train, val, test = data["splits"]["news"]
+    tuned = petune.attach(minilm_bert2bert, "adapter", reduction_factor=8, tasks=list(offline.TASKS))
+    encoded, embed_docs = {}, offline.embed_docs
+
+    def recording(model, tokenizer, texts, task, *rest):
+        encoded[task] = len(texts)
+        return embed_docs(model, tokenizer, texts, task, *rest)
+
+    monkeypatch.setattr(offline, "embed_docs", recording)
+    per_task = offline.embed_all(tuned, minilm_tokenizer, data, args, task_for=lambda name: name)
+    assert set(per_task["topic"]) == set(train) | set(test) and not set(val) & set(per_task["topic"])
+    assert encoded == {"news": len(data["news"].docs), "qa": len(data["chat"].docs), "topic": len(train) + len(test)}
+    encoded.clear()
+    shared = offline.embed_all(tuned, minilm_tokenizer, data, args, task_for=lambda name: "news")
+    assert set(shared["topic"]) == set(data["news"].docs) and "topic" not in encoded
+    offline.knn(per_task["topic"], data)  # finds every vector it reads (a KeyError otherwise)
+
+
 def test_offline_pooling_reaches_losses_and_scoring():
     """--pooling is what every training loss pools with and what the scoring encodes with: the
     frozen embeddings equal petune.encode's with that pooling, and differ from mean pooling's."""
