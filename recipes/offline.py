@@ -226,8 +226,9 @@ def embed_all(model, tokenizer, data, args, task_for, cache=None):
     topic_task = task_for("topic")
     if topic_task == task_for("news"):  # one module: the BBC articles are encoded already
         ids, topic = list(data["news"].docs), out["news"][1]
-    else:  # only what kNN reads: the training articles (its memory) and the scored ones
-        ids = [*data["splits"]["news"][0], *scored_ids(data, "news")]
+    else:  # only what kNN reads
+        memory, scored = knn_articles(data)
+        ids = [*memory, *scored]
         topic = embed_docs(model, tokenizer, [data["news"].docs[a] for a in ids], topic_task, args, cache)
     if topic is None:  # not the main process
         return None
@@ -235,8 +236,14 @@ def embed_all(model, tokenizer, data, args, task_for, cache=None):
     return out
 
 
+def knn_articles(data) -> tuple[list, list]:
+    """The BBC article ids topic kNN reads: ``(memory, scored)``, the training articles and the
+    --eval-split ones."""
+    return data["splits"]["news"][0], scored_ids(data, "news")
+
+
 def knn(vectors, data):
-    train_a, test_a = data["splits"]["news"][0], scored_ids(data, "news")
+    train_a, test_a = knn_articles(data)
     topic = {a: data["articles"][a]["topic"] for a in data["articles"]}
     return knn_scores(np.stack([vectors[a] for a in train_a]), [topic[a] for a in train_a],
                       np.stack([vectors[a] for a in test_a]), [topic[a] for a in test_a], k=20)
