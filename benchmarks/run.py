@@ -17,6 +17,7 @@ rows with ``--lr`` and ``--eval-split val``: the validation split, so that test 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -310,6 +311,9 @@ def overhead_section(out: Path) -> list[str]:
                                                    f"{ex['median_seconds']['tuned']:.2f} | {interval(ex)} |"
                                                    if ex else "not exportable (petune.save / petune.load) | |"))
         lines.append("")
+    for name, module in (("kb_scale.json", "kb_scale"), ("encode_speed.json", "encode_speed")):
+        if (out / name).exists():  # each benchmark renders its own section
+            lines += importlib.import_module(module).section(json.loads((out / name).read_text()))
     if (out / "sharded_encode.json").exists():
         t = json.loads((out / "sharded_encode.json").read_text())
         lines += ["## Sharded encoding: 1 vs several processes", "",

@@ -11,6 +11,7 @@ from . import methods as _builtin_methods  # noqa: F401  (registers the built-in
 from .embed import encode, encode_sharded
 from .export import export
 from .io import load, read_config, save
+from .store import EmbeddingStore, encode_to_store
 from .methods.base import Method
 from .registry import get_method, methods, register_method
 from .tuned import TrainableReport, TunedModel, attach
@@ -18,5 +19,6 @@ from . import vision  # noqa: E402  (after attach: vision builds on it)
 
 __version__ = "0.1.0"
 
-__all__ = ["attach", "encode", "encode_sharded", "export", "register_method", "methods", "get_method", "Method",
+__all__ = ["attach", "encode", "encode_sharded", "encode_to_store", "EmbeddingStore", "export",
+           "register_method", "methods", "get_method", "Method",
            "TunedModel", "TrainableReport", "save", "load", "read_config", "vision", "__version__"]

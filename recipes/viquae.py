@@ -20,6 +20,13 @@ Steps (following meerqat, Lerner et al. 2022):
    Fisher's randomization test p ≤ 0.01; report.md / report.json and the tuned parameters
    (petune.save) in --output-dir.
 
+Passages are never held as one list. From --store-from passages on (100,000 by default; see
+docs/scaling.md), each process encodes its chunks of them straight to an embedding store on disk
+(petune.encode_to_store, under --cache-dir, keyed by the model's weights: a killed run continues
+where it stopped), the index is built from the store (exact search chunk by chunk for "Flat",
+trained on a sample and filled chunk by chunk otherwise) and BM25 is built from a stream. Below
+that size the passages are encoded in memory and gathered (the faster path for small collections).
+
 With --images-dir DIR the questions are multimodal (question + image → passage, as ViQuAE
 means them): each question's image (the dataset's ``image`` column, files in DIR) goes through
 EfficientNet-Lite0 (features cached in --cache-dir), and a visual embedding
@@ -45,12 +52,17 @@ import petune  # noqa: E402
 from common import (DEFAULT_LR, RunMismatch, add_method_args, add_run_args, cache_dir, load_model,  # noqa: E402
                     method_options, start_run, write_report)
 from petune.data import viquae  # noqa: E402
-from petune.embed import encode_sharded  # noqa: E402
-from petune.score import BM25, DenseIndex, compare, p_values, report_markdown  # noqa: E402
+from petune.data.stream import RowIds  # noqa: E402
+from petune.embed import encode_sharded, encoder_key  # noqa: E402
+from petune.score import (BM25, DenseIndex, ExactStoreIndex, build_index, compare, p_values,  # noqa: E402
+                          report_markdown)
 from petune.train import DPRLoss, RetrievalCollator, Task, Trainer  # noqa: E402
 from petune.dist import process_state  # noqa: E402
 
 STAGES = ("first_stage", "viquae")
+#: from this many passages on, the store path (disk, chunks) replaces the in-memory one: up to 10⁵
+#: both take about the same time (benchmarks/kb_scale.py) and the in-memory one writes nothing
+STORE_FROM = 100_000
 
 log = logging.getLogger("viquae")
 METRICS = ["mrr@100", "precision@1", "precision@20", "hit_rate@20"]
@@ -73,6 +85,16 @@ def parse_args(argv=None):
     parser.add_argument("--bm25-b", type=float, default=0.3)
     parser.add_argument("--hard-negatives-k", type=int, default=100, help="BM25 depth mined for hard negatives")
     parser.add_argument("--index-factory", default="Flat", help="faiss factory string, e.g. 'IVF65536,PQ64'")
+    parser.add_argument("--index-params", help="faiss search parameters, e.g. 'nprobe=64' (IVF lists visited)")
+    parser.add_argument("--index-train-size", type=int, help="rows an IVF / PQ index is trained on (default: 40 "
+                        "per centroid, FAISS's advice)")
+    parser.add_argument("--store-from", type=int, default=STORE_FROM, help="collections of at least this many "
+                        "passages are encoded to an on-disk store in chunks (resumable, bounded memory); smaller "
+                        "ones in memory; 0: always the store")
+    parser.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
+                        help="embedding store dtype (float16 halves the disk)")
+    parser.add_argument("--store-chunk-size", type=int, default=16384, help="passages per store chunk (the work "
+                        "a kill loses per process)")
     parser.add_argument("--question-length", type=int, default=64)
     parser.add_argument("--passage-length", type=int, default=256)
     parser.add_argument("--compare-frozen", action="store_true", help="also score the frozen model (encodes "
@@ -105,18 +127,37 @@ def training_examples(split, qrels, negatives, passages, images=None):
     return examples, skipped
 
 
-def dense_run(model, tokenizer, passage_texts, split, qids, args, cache=None, images=None):
+def dense_run(model, tokenizer, passages, split, qids, args, cache, images=None):
     """The test run of a dense model: every process encodes its share of the passages and
-    questions (with their image features, ``images[qid]``, when given); the main process indexes,
-    searches and gets the ``ranx.Run`` (the others ``None``)."""
-    vecs = encode_sharded(model, tokenizer, passage_texts, max_length=args.passage_length, cache_dir=cache)
+    questions (with their image features, ``images[qid]``, when given); the main process gets the
+    ``ranx.Run`` (the others ``None``).
+
+    At least ``--store-from`` passages: each process encodes its chunks to an embedding store in
+    ``cache``/stores (named by the encoder's key, so a rerun reuses or continues it), the index is
+    built from the store, and with ``"Flat"`` every process searches its own chunks. Fewer: the
+    passages are encoded in memory, gathered on the main process and indexed there."""
     questions = dict(zip(viquae.question_ids(split), split["input"]))
     q = encode_sharded(model, tokenizer, [questions[i] for i in qids], max_length=args.question_length,
-                       cache_dir=cache, images=None if images is None else [images[i] for i in qids])
-    if vecs is None:
+                       cache_dir=cache, images=None if images is None else [images[i] for i in qids],
+                       gather_to="all")
+    k = min(100, len(passages))
+    if len(passages) < args.store_from:
+        vecs = encode_sharded(model, tokenizer, list(passages["passage"]), max_length=args.passage_length,
+                              cache_dir=cache)
+        if vecs is None:
+            return None
+        return DenseIndex(vecs, RowIds(len(passages)), factory=args.index_factory).search(q, qids, k=k)
+    options = {"max_length": args.passage_length}
+    where = Path(cache) / "stores" / f"passages-{encoder_key(model, tokenizer, options)}"
+    store = petune.encode_to_store(model, tokenizer, passages, where, column="passage", dtype=args.store_dtype,
+                                   chunk_size=args.store_chunk_size, **options)
+    if args.index_factory == "Flat":
+        return ExactStoreIndex(store).search(q, qids, k=k, sharded=True)
+    if not process_state().is_main_process:
         return None
-    index = DenseIndex(vecs, [str(i) for i in range(len(passage_texts))], factory=args.index_factory)
-    return index.search(q, qids, k=min(100, len(passage_texts)))
+    index = build_index(store, args.index_factory, train_size=args.index_train_size, seed=args.seed,
+                        search_params=args.index_params)
+    return index.search(q, qids, k=k)
 
 
 def main(argv=None):
@@ -156,18 +197,18 @@ def main(argv=None):
                 feats = petune.vision.extract_features(list(split_paths.values()), cache_dir=cache)
                 images.update(zip(split_paths, feats))
 
-    links = viquae.article_passages(kb, passages)
+    cited = viquae.provenance_ids(dataset["train"], dataset["test"], *([first_stage["train"]] if first_stage else []))
+    links = viquae.article_passages(kb, passages, cited)  # only the articles the questions cite
     qrels, dropped = {}, {}
     for split in ("train", "test"):
         qrels[split], dropped[split] = viquae.relevant_passages(dataset[split], kb, passages, links)
         log.info("%s: %d questions with relevant passages, %d without (dropped)", split, len(qrels[split]),
                  len(dropped[split]))
-    passage_texts = passages["passage"]
-    bm25 = BM25({str(i): t for i, t in enumerate(passage_texts)}, k1=args.bm25_k1, b=args.bm25_b, cache_dir=cache)
+    bm25 = BM25(passages, column="passage", k1=args.bm25_k1, b=args.bm25_b, cache_dir=cache)
 
     def mine(split, split_qrels):
         questions = {q: t for q, t in zip(viquae.question_ids(split), split["input"]) if q in split_qrels}
-        k = min(args.hard_negatives_k, len(passage_texts))
+        k = min(args.hard_negatives_k, len(passages))
         # the main process searches (building the index) and caches the run; the others then read
         # it from the cache instead of each building an index over the whole knowledge base
         with state.main_process_first():
@@ -178,7 +219,7 @@ def main(argv=None):
     test_ids = list(qrels["test"])
     frozen_run = None
     if args.compare_frozen:
-        frozen_run = dense_run(model, tokenizer, passage_texts, dataset["test"], test_ids, args, cache)
+        frozen_run = dense_run(model, tokenizer, passages, dataset["test"], test_ids, args, cache)
 
     tuned = petune.attach(model, args.method, **method_options(args))
     if images is not None:
@@ -208,10 +249,10 @@ def main(argv=None):
 
     test = dataset["test"]
     label = f"{args.method} + images" if images is not None else args.method
-    tuned_run = dense_run(tuned, tokenizer, passage_texts, test, test_ids, args, images=images)
+    tuned_run = dense_run(tuned, tokenizer, passages, test, test_ids, args, cache, images=images)
     if state.is_main_process:
         questions = dict(zip(viquae.question_ids(test), test["input"]))
-        runs = {"BM25": bm25.search({q: questions[q] for q in test_ids}, k=min(100, len(passage_texts)))}
+        runs = {"BM25": bm25.search({q: questions[q] for q in test_ids}, k=min(100, len(passages)))}
         if frozen_run is not None:
             runs["frozen" if images is None else "frozen (text only)"] = frozen_run
         runs[label] = tuned_run
@@ -222,6 +263,7 @@ def main(argv=None):
             "method": args.method, "options": method_options(args), "lr": args.lr, "epochs": args.epochs,
             "images": args.images_dir is not None,
             "trainable": tuned.trainable_report().as_dict(), "index_factory": args.index_factory,
+            "passage_store": len(passages) >= args.store_from,
             "questions": {s: {"with_relevant": len(qrels[s]), "dropped_no_relevant": len(dropped[s])}
                           for s in qrels},
             "skipped_no_hard_negative": skipped_no_negative,
@@ -233,7 +275,7 @@ def main(argv=None):
         markdown = "\n".join([
             f"# petune ViQuAE recipe — {label}", "", f"`{summary['command']}`", "",
             f"Test: {len(qrels['test'])} questions with a relevant passage ({len(dropped['test'])} dropped), "
-            f"{len(passage_texts)} passages, index `{args.index_factory}`.", "",
+            f"{len(passages)} passages, index `{args.index_factory}`.", "",
             report_markdown(report), ""])
         write_report(out_dir, markdown, summary)
     state.wait_for_everyone()

@@ -94,3 +94,15 @@ def test_lr_sweep_chooses_best_mean_and_lower_rate_on_ties():
               ("other", 0.1): {"mean": 0.9}}
     assert chosen(scores, "m") == 0.003
     assert chosen({("m", 0.003): {"mean": 0.4}, ("m", 0.001): {"mean": 0.45}}, "m") == 0.001
+
+
+def test_kb_scale_quick_measures_stages_and_renders_its_section(tmp_path):
+    out = tmp_path / "kb_scale.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kb_scale.py"), "--quick", "--stages", "encode", "exact_search",
+           "bm25_index", "--work", str(tmp_path / "work"), "--output", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(out.read_text())["rows"]["2000"]
+    assert set(row) == {"encode", "exact_search", "bm25_index"}
+    assert row["encode"]["peak"] >= row["encode"]["base"] > 0 and row["bm25_index"]["index_bytes"] > 0
+    assert (tmp_path / "work" / "store-2000" / "manifest.json").exists()

@@ -112,6 +112,23 @@ def test_viquae_recipe_end_to_end_on_fixture(tmp_path):
     assert report["steps"]["viquae"] == 4  # 8 train questions / batch 4 x 2 epochs
     assert "Fisher" in (out / "report.md").read_text()
     assert (out / "tuned" / "petune.json").exists()
+    assert report["passage_store"] is False and not (out / "cache" / "stores").exists()
+    # the same run on the store path (36 passages, as if above --store-from): passages encoded to
+    # on-disk stores, an IVF index trained on a sample and filled chunk by chunk (every list
+    # probed: exact), BM25 from a stream — the same scores
+    store_out = tmp_path / "store-run"
+    rc = recipe.main(["--dataset-path", str(paths["dataset"]), "--kb-path", str(paths["kb"]),
+                      "--passages-path", str(paths["passages"]), "--method", "lora", "--epochs", "2",
+                      "--batch-size", "4", "--passage-length", "48", "--compare-frozen", "--output-dir",
+                      str(store_out), "--store-from", "0", "--store-chunk-size", "10", "--index-factory", "IVF2,Flat",
+                      "--index-params", "nprobe=2", "--index-train-size", "36"])
+    assert rc == 0
+    on_store = json.loads((store_out / "report.json").read_text())
+    assert on_store["passage_store"] is True
+    for run, scores in report["scores"].items():
+        assert on_store["scores"][run] == pytest.approx(scores, abs=1e-6)
+    stores = sorted((store_out / "cache" / "stores").iterdir())
+    assert len(stores) == 2 and all(petune.EmbeddingStore(s).shape == (36, 384) for s in stores)  # frozen, tuned
 
 
 def test_viquae_recipe_with_images_on_fixture(tmp_path):
@@ -394,11 +411,17 @@ def test_viquae_recipe_two_processes(tmp_path):
     out = tmp_path / "run"
     done = torchrun("viquae.py", "--dataset-path", str(paths["dataset"]), "--kb-path", str(paths["kb"]),
                     "--passages-path", str(paths["passages"]), "--method", "lora", "--epochs", "2",
-                    "--batch-size", "2", "--passage-length", "48", "--compare-frozen", "--output-dir", str(out))
+                    "--batch-size", "2", "--passage-length", "48", "--compare-frozen", "--output-dir", str(out),
+                    "--store-from", "0", "--store-chunk-size", "5")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report["scores"]) == {"BM25", "frozen", "lora"}
     assert report["steps"]["viquae"] == 4  # 8 questions / (batch 2 x 2 processes) x 2 epochs
+    # the store path: each process wrote its chunks (8 of 36 passages / 5), each searched its own
+    assert report["passage_store"] is True
+    for line in ("process 0: encoded chunk 0 ", "process 1: encoded chunk 1 "):
+        assert line in done.stderr
+    assert report["scores"]["BM25"]["hit_rate@20"] == 1.0
 
 
 @pytest.mark.slow

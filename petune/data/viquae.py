@@ -88,29 +88,45 @@ def _answers(output) -> list[str]:
     return [a for a in {normalize_answer(a) for a in answers if a} if a]
 
 
-def article_passages(kb, passages) -> tuple[dict[str, int], dict[int, list[int]]]:
-    """``(wikipedia_id → kb row, kb row → passage rows)``.
+def article_passages(kb, passages, wanted=None) -> tuple[dict[str, int], dict[int, list[int]]]:
+    """``(wikipedia_id → kb row, kb row → passage rows)``, for the articles in ``wanted`` (a set of
+    wikipedia ids; default: every article).
+
+    The columns are streamed (:func:`petune.data.stream.column_rows`) and only wanted articles
+    are kept: on the full knowledge base (1.5M articles, 11.9M passages) the maps hold the few
+    thousand articles the questions cite, not every article's passage list.
 
     Raises:
         ValueError: no way to link passages to articles (names the columns that would do).
     """
+    from .stream import column_rows
+
     if "wikipedia_id" not in kb.column_names:
         raise ValueError(f"the knowledge base needs a wikipedia_id column; it has {kb.column_names}")
-    row_of = {str(w): i for i, w in enumerate(kb["wikipedia_id"])}
+    keep = (lambda w: True) if wanted is None else (lambda w: w in wanted)
+    row_of = {str(w): i for i, w in enumerate(column_rows(kb, "wikipedia_id")) if keep(str(w))}
     if "passage_index" in kb.column_names:
-        return row_of, {i: list(idx or []) for i, idx in enumerate(kb["passage_index"])}
+        rows = set(row_of.values())
+        return row_of, {i: list(idx or []) for i, idx in enumerate(column_rows(kb, "passage_index")) if i in rows}
     groups = defaultdict(list)
     if "wikipedia_id" in passages.column_names:
-        for p, w in enumerate(passages["wikipedia_id"]):
+        for p, w in enumerate(column_rows(passages, "wikipedia_id")):
             if str(w) in row_of:
                 groups[row_of[str(w)]].append(p)
     elif "index" in passages.column_names:
-        for p, i in enumerate(passages["index"]):
-            groups[int(i)].append(p)
+        rows = set(row_of.values())
+        for p, i in enumerate(column_rows(passages, "index")):
+            if int(i) in rows:
+                groups[int(i)].append(p)
     else:
         raise ValueError("cannot link passages to articles: give the knowledge base a passage_index column, "
                          f"or the passages a wikipedia_id or index column (passages have {passages.column_names})")
     return row_of, dict(groups)
+
+
+def provenance_ids(*splits) -> set[str]:
+    """The wikipedia ids the questions of ``splits`` cite (their provenance articles)."""
+    return {w for split in splits for output in split["output"] for w in _provenance_ids(output)}
 
 
 def question_ids(split) -> list[str]:
@@ -136,7 +152,7 @@ def relevant_passages(split, kb, passages, links=None) -> tuple[dict[str, dict[s
             raise ValueError(f"ViQuAE questions need an {column!r} column; they have {split.column_names}")
     if "passage" not in passages.column_names:
         raise ValueError(f"ViQuAE passages need a 'passage' column; they have {passages.column_names}")
-    row_of, passages_of = links or article_passages(kb, passages)
+    row_of, passages_of = links or article_passages(kb, passages, provenance_ids(split))
     qrels, dropped = {}, []
     for qid, output in zip(question_ids(split), split["output"]):
         answers = _answers(output)

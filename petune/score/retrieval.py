@@ -34,13 +34,26 @@ def check_embeddings(x, name: str = "embeddings", dim: int | None = None) -> np.
     return x
 
 
-def _check_ids(ids, n: int, name: str) -> list[str]:
+def _check_ids(ids, n: int, name: str):
+    from ..data.stream import RowIds
+
+    if isinstance(ids, RowIds):  # row numbers: unique by construction, held as no list
+        if len(ids) != n:
+            raise ValueError(f"{name}: {len(ids)} ids for {n} embeddings")
+        return ids
     ids = [str(i) for i in ids]
     if len(ids) != n:
         raise ValueError(f"{name}: {len(ids)} ids for {n} embeddings")
     if len(set(ids)) != n:
         raise ValueError(f"{name} must be unique")
     return ids
+
+
+def _clamp_k(k: int, n: int) -> int:
+    if k > n:
+        warnings.warn(f"k={k} is larger than the collection ({n} documents); returning all of them", stacklevel=3)
+        return n
+    return k
 
 
 class DenseIndex:
@@ -61,19 +74,27 @@ class DenseIndex:
     def __init__(self, embeddings, ids, factory: str = "Flat", metric: str = "ip"):
         import faiss
 
+        from .store_index import _metric
+
         x = check_embeddings(embeddings, "document embeddings")
         self.ids = _check_ids(ids, len(x), "document ids")
         self.factory, self.metric = factory, metric
-        if metric not in ("ip", "l2"):
-            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-        faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
         try:
-            self.index = faiss.index_factory(x.shape[1], factory, faiss_metric)
+            self.index = faiss.index_factory(x.shape[1], factory, _metric(metric))
         except RuntimeError as e:
             raise ValueError(f"faiss cannot build index {factory!r}: {str(e).splitlines()[-1]}") from None
         if not self.index.is_trained:
             self.index.train(x)
         self.index.add(x)
+
+    @classmethod
+    def wrap(cls, index, ids, factory: str, metric: str = "ip") -> "DenseIndex":
+        """A :class:`DenseIndex` around a filled FAISS ``index`` (see
+        :func:`petune.score.build_index`, which fills one from an embedding store)."""
+        self = cls.__new__(cls)
+        self.index, self.factory, self.metric = index, factory, metric
+        self.ids = _check_ids(ids, index.ntotal, "document ids")
+        return self
 
     @property
     def dim(self) -> int:
@@ -94,10 +115,7 @@ class DenseIndex:
 
         q = check_embeddings(queries, "query embeddings", dim=self.dim)
         query_ids = _check_ids(query_ids, len(q), "query ids")
-        if k > len(self):
-            warnings.warn(f"k={k} is larger than the collection ({len(self)} documents); returning all of them",
-                          stacklevel=2)
-            k = len(self)
+        k = _clamp_k(k, len(self))
         run = {}
         for start in range(0, len(q), batch_size):
             scores, idx = self.index.search(q[start:start + batch_size], k)
@@ -112,16 +130,20 @@ class DenseIndex:
         renamed into place: an interrupted save leaves the previous index)."""
         import faiss
 
+        from ..data.stream import RowIds
         from ..io import atomic_dir
 
         with atomic_dir(path) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
-            (tmp / "ids.json").write_text(json.dumps({"ids": self.ids, "factory": self.factory, "metric": self.metric}))
+            ids = {"rows": len(self.ids)} if isinstance(self.ids, RowIds) else {"ids": list(self.ids)}
+            (tmp / "ids.json").write_text(json.dumps({**ids, "factory": self.factory, "metric": self.metric}))
         return Path(path)
 
     @classmethod
     def load(cls, path) -> "DenseIndex":
         import faiss
+
+        from ..data.stream import RowIds
 
         path = Path(path)
         if not (path / "index.faiss").exists():
@@ -129,7 +151,8 @@ class DenseIndex:
         meta = json.loads((path / "ids.json").read_text())
         self = cls.__new__(cls)
         self.index = faiss.read_index(str(path / "index.faiss"))
-        self.ids, self.factory, self.metric = meta["ids"], meta["factory"], meta["metric"]
+        self.ids = RowIds(meta["rows"]) if "rows" in meta else meta["ids"]
+        self.factory, self.metric = meta["factory"], meta["metric"]
         return self
 
 

@@ -1,0 +1,37 @@
+"""Encode a fixed collection to an embedding store with a tiny random BART, on as many processes as
+it is launched with (python / torchrun); the store checks in tests/test_store.py run it.
+
+    python store_check.py STORE [--slow SECONDS]
+
+``--slow`` sleeps before encoding each chunk, so a test can kill the run mid-encode.
+"""
+
+import functools
+import logging
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import petune  # noqa: E402
+from conftest import tiny  # noqa: E402
+from test_embed import CharTokenizer  # noqa: E402
+
+TEXTS = [f"passage {i}: " + "lorem ipsum dolor "[: (7 * i) % 18] + "x" * (i % 11) for i in range(120)]
+CHUNK = 8
+
+
+def main(argv):
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+    torch.set_num_threads(1)  # the same arithmetic in every process and in the test's reference
+    if "--slow" in argv:  # each chunk's encode waits first
+        seconds, encode = float(argv[argv.index("--slow") + 1]), petune.embed.encode
+        petune.embed.encode = functools.wraps(encode)(lambda *a, **kw: time.sleep(seconds) or encode(*a, **kw))
+    petune.encode_to_store(tiny("bart"), CharTokenizer(), iter(TEXTS), argv[0], chunk_size=CHUNK, progress=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
