@@ -3,11 +3,14 @@ loads, with the embedding settings written beside it."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
 
+from .card import model_card
 from .io import atomic_dir
+from .models import d_model
 from .tuned import TunedModel
 
 #: the embedding settings written beside the exported weights (like sentence-transformers'
@@ -15,8 +18,66 @@ from .tuned import TunedModel
 EXPORT_CONFIG = "petune_export.json"
 
 
+FORMATS = ("transformers", "sentence-transformers")
+
+#: architectures whose encoder sentence-transformers (5.x, ``_ENCODER_ONLY_MODELS``) loads from a
+#: directory: the T5 family through its ``*EncoderModel`` from the whole checkpoint, the others
+#: through their bare ``*Encoder`` class, which needs the encoder's own weights (from a whole
+#: checkpoint it would silently start from random weights); an ``EncoderDecoderModel``'s encoder
+#: is a model of its own
+ST_WHOLE_CHECKPOINT = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+ST_ENCODER_ALONE = ("pegasus", "pegasus_x", "marian", "m2m_100", "blenderbot", "blenderbot-small")
+
+
+def _sentence_transformers_encoder(plain):
+    """The model to write at the root of a sentence-transformers directory, or a ``ValueError``."""
+    model_type = getattr(plain.config, "model_type", "")
+    if type(plain).__name__ == "EncoderDecoderModel" or model_type in ST_ENCODER_ALONE:
+        return plain.get_encoder()
+    if model_type in ST_WHOLE_CHECKPOINT:
+        return plain
+    supported = ", ".join(("encoder-decoder", *ST_WHOLE_CHECKPOINT, *ST_ENCODER_ALONE))
+    raise ValueError(f"sentence-transformers cannot load the encoder of a {model_type!r} model on its own (it "
+                     f"loads those of {supported}); export with format='transformers' and encode with petune")
+
+
+def _write_sentence_transformers(tmp: Path, encoder, tokenizer, pooling, prefix, normalize, max_length) -> None:
+    """The folder layout sentence-transformers (and the servers that read it) load: the encoder and
+    tokenizer at the root, ``modules.json``, ``sentence_bert_config.json``, ``1_Pooling`` and
+    ``2_Normalize`` (the classic names, which every sentence-transformers version reads)."""
+    import torch
+    import transformers
+
+    encoder.save_pretrained(tmp, safe_serialization=True)
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # as petune.encode: no token_type_ids
+    tokenizer.init_kwargs["model_input_names"] = tokenizer.model_input_names  # saved in tokenizer_config.json
+    tokenizer.save_pretrained(tmp)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (tmp / "2_Normalize").mkdir()
+    (tmp / "1_Pooling").mkdir()
+    dim = d_model(encoder)
+    files = {
+        "modules.json": modules,
+        "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
+        "1_Pooling/config.json": {"word_embedding_dimension": dim, "pooling_mode_cls_token": pooling == "first",
+                                  "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+                                  "pooling_mode_mean_sqrt_len_tokens": False},
+        "config_sentence_transformers.json": {
+            "__version__": {"pytorch": torch.__version__, "transformers": transformers.__version__},
+            "prompts": {"default": prefix} if prefix else {}, "default_prompt_name": "default" if prefix else None,
+            "similarity_fn_name": "cosine" if normalize else "dot"},
+    }
+    for name, value in files.items():
+        (tmp / name).write_text(json.dumps(value, indent=2))
+
+
 def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = None, tokenizer=None,
-           pooling: str = "mean", prefix: str = "", normalize: bool = False, max_length: int | None = None) -> Path:
+           pooling: str = "mean", prefix: str = "", normalize: bool = False, max_length: int | None = None,
+           format: str = "transformers", scores_markdown: str | None = None, command: str | None = None) -> Path:
     """Write ``task``'s tuned model as a plain Hugging Face model directory.
 
     LoRA and (IA)^3 are merged into the base weights (peft's ``merge_and_unload``, on a copy: the
@@ -31,19 +92,41 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
     mask-aware mean of the last encoder states; ``"first"``: the first token's state), ``prefix``,
     ``normalize``, ``max_length`` — plus the method, its options and the task.
 
+    ``format="sentence-transformers"`` writes instead the layout sentence-transformers reads:
+    the encoder side of the merged model (an ``EncoderDecoderModel``'s encoder; the whole T5 /
+    mT5 / Pegasus / Marian / M2M100 / ... checkpoint, whose encoder sentence-transformers loads),
+    the tokenizer, ``modules.json``, the pooling (``1_Pooling``), normalisation (``2_Normalize``),
+    ``max_seq_length`` and ``prefix`` as the default prompt, so that
+    ``SentenceTransformer(path).encode(texts)`` gives ``petune.encode``'s embeddings with these
+    settings (tested within 1e-5 with sentence-transformers 5.7.0, an optional dependency:
+    ``pip install petune[serve]``; exporting does not need it).
+
+    Both formats carry a model card, ``README.md`` (Hugging Face convention): base model, method,
+    options, trainable parameters, tasks, the embedding settings, and ``scores_markdown`` with the
+    ``command`` that measured it when given.
+
     Args:
         task: the task whose module to export (required when the model has one module per task).
-        tokenizer: saved beside the weights (optional).
+        tokenizer: saved beside the weights (optional; required for sentence-transformers).
+        max_length: input tokens; for sentence-transformers default the tokenizer's and the
+            model's limit (what ``petune.encode`` caps to), at most 512.
+        format: ``"transformers"`` or ``"sentence-transformers"``.
 
     Returns:
         The directory.
 
     Raises:
         ValueError: a method that cannot be merged (adapter, prompt), a model with a visual
-            embedding, an unknown task, or ``pooling`` other than ``"mean"`` / ``"first"``.
+            embedding, an unknown task, ``pooling`` other than ``"mean"`` / ``"first"``, an unknown
+            ``format``; for sentence-transformers, no tokenizer or an architecture whose encoder it
+            cannot load alone (BART, mBART, LED, ...).
     """
     if pooling not in ("mean", "first"):
         raise ValueError(f"export writes encoder pooling 'mean' or 'first', got {pooling!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format == "sentence-transformers" and tokenizer is None:
+        raise ValueError("format='sentence-transformers' needs the tokenizer: export(..., tokenizer=tok)")
     if tuned.petune_visual is not None:
         raise ValueError("the visual embedding (petune.vision) is not part of any transformers architecture; "
                          "save with petune.save(tuned, path) and load with petune.load(model, path)")
@@ -52,9 +135,29 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
     settings = {"pooling": pooling, "prefix": prefix, "normalize": normalize, "max_length": max_length,
                 "method": tuned.method.name, "options": tuned.method.options, "task": task,
                 "model_class": type(plain).__name__}
+    card_settings = {"pooling": pooling, "prefix": repr(prefix), "normalize": normalize, "max_length": max_length}
+    if format == "sentence-transformers":
+        from .embed import _max_length
+
+        encoder = _sentence_transformers_encoder(plain)
+        settings["max_length"] = card_settings["max_length"] = max_length = _max_length(
+            plain, tokenizer, max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512))
+        usage = ("from sentence_transformers import SentenceTransformer\n\n"
+                 f"model = SentenceTransformer({str(path)!r})\nvecs = model.encode(texts)  # [n, d]"
+                 + (", prefix applied as the default prompt" if prefix else ""))
+    else:
+        usage = ("from transformers import AutoModelForSeq2SeqLM\n\n"
+                 f"model = AutoModelForSeq2SeqLM.from_pretrained({str(path)!r})\n"
+                 f"# embeddings: the settings in {EXPORT_CONFIG} (petune.encode(model, tok, texts, ...))")
+    card = model_card(tuned, library=format, settings=card_settings, scores_markdown=scores_markdown,
+                      command=command, usage=usage)
     with atomic_dir(path) as tmp:
-        plain.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / EXPORT_CONFIG).write_text(json.dumps(settings, indent=1, default=str))
+        if format == "sentence-transformers":
+            _write_sentence_transformers(tmp, encoder, tokenizer, pooling, prefix, normalize, max_length)
+        else:
+            plain.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        (tmp / EXPORT_CONFIG).write_text(json.dumps({**settings, "format": format}, indent=1, default=str))
+        (tmp / "README.md").write_text(card)
     return Path(path)

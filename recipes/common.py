@@ -42,6 +42,68 @@ def add_run_args(parser: argparse.ArgumentParser, checkpoint_every: int) -> None
                    "model weights, data and options (default: OUTPUT_DIR/cache)")
 
 
+#: from this many passages on, the store path (disk, chunks) replaces the in-memory one: up to 10⁵
+#: both take about the same time (benchmarks/kb_scale.py) and the in-memory one writes nothing
+STORE_FROM = 100_000
+
+
+def add_index_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("dense index (petune.encode_to_store, petune.score.build_index)")
+    g.add_argument("--index-factory", default="Flat", help="faiss factory string: 'Flat' (exact) or e.g. "
+                   "'IVF16384,PQ64'")
+    g.add_argument("--index-params", help="faiss search parameters, e.g. 'nprobe=64' (IVF lists visited)")
+    g.add_argument("--index-train-size", type=int, help="rows an IVF / PQ index is trained on (default: 40 per "
+                   "centroid, FAISS's advice)")
+    g.add_argument("--store-from", type=int, default=STORE_FROM, help="collections of at least this many passages "
+                   "are encoded to an on-disk store in chunks (resumable, bounded memory); smaller ones in memory; "
+                   "0: always the store")
+    g.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
+                   help="embedding store dtype (float16 halves the disk)")
+    g.add_argument("--store-chunk-size", type=int, default=16384, help="passages per store chunk (the work a kill "
+                   "loses per process)")
+
+
+def dense_run(model, tokenizer, passages, queries: dict, args, cache, *, query_length: int, images=None,
+              column: str = "passage", query_prefix: str = "", passage_prefix: str = "", normalize: bool = False):
+    """The run of a dense model over a collection: every process encodes its share of the passages
+    (``passages[column]``, a ``datasets.Dataset``) and of the queries (``{id: text}``, with their
+    image features ``images[id]`` when given), with their prefixes and ``normalize`` (cosine
+    similarity); the main process gets the ``ranx.Run`` (the others ``None``). Documents are named
+    by their row numbers.
+
+    At least ``--store-from`` passages: each process encodes its chunks to an embedding store in
+    ``cache``/stores (named by the encoder's key, so a rerun reuses or continues it), the index is
+    built from the store, and with ``"Flat"`` every process searches its own chunks. Fewer: the
+    passages are encoded in memory, gathered on the main process and indexed there."""
+    import petune
+    from petune.data.stream import RowIds
+    from petune.dist import process_state
+    from petune.embed import encode_sharded, encoder_key
+    from petune.score import DenseIndex, ExactStoreIndex, build_index
+
+    qids = list(queries)
+    q = encode_sharded(model, tokenizer, [queries[i] for i in qids], max_length=query_length, cache_dir=cache,
+                       images=None if images is None else [images[i] for i in qids], gather_to="all",
+                       prefix=query_prefix, normalize=normalize)
+    k = min(100, len(passages))
+    options = {"max_length": args.passage_length, "prefix": passage_prefix, "normalize": normalize}
+    if len(passages) < args.store_from:
+        vecs = encode_sharded(model, tokenizer, list(passages[column]), cache_dir=cache, **options)
+        if vecs is None:
+            return None
+        return DenseIndex(vecs, RowIds(len(passages)), factory=args.index_factory).search(q, qids, k=k)
+    where = Path(cache) / "stores" / f"passages-{encoder_key(model, tokenizer, options)}"
+    store = petune.encode_to_store(model, tokenizer, passages, where, column=column, dtype=args.store_dtype,
+                                   chunk_size=args.store_chunk_size, **options)
+    if args.index_factory == "Flat":
+        return ExactStoreIndex(store).search(q, qids, k=k, sharded=True)
+    if not process_state().is_main_process:
+        return None
+    index = build_index(store, args.index_factory, train_size=args.index_train_size, seed=args.seed,
+                        search_params=args.index_params)
+    return index.search(q, qids, k=k)
+
+
 class RunMismatch(ValueError):
     """--resume on an output dir whose run was started with other options."""
 
@@ -120,3 +182,15 @@ def write_report(output_dir: Path, markdown: str, data: dict) -> None:
     for name, text in (("report.md", markdown), ("report.json", json.dumps(data, indent=2))):
         atomic_write(output_dir / name, lambda f, text=text: f.write(text.encode()))
     print(markdown)
+
+
+def write_model_card(directory: Path, tuned, command: str, scores_markdown: str) -> None:
+    """``README.md`` (a Hugging Face model card) beside the tuned parameters a recipe saved: base
+    model, method, trainable parameters, and the run's scores with its command."""
+    from petune.card import base_model_name, model_card, write_card
+
+    base = base_model_name(tuned) or "BASE_MODEL"
+    usage = (f"from transformers import AutoModelForSeq2SeqLM\nimport petune\n\n"
+             f"tuned = petune.load(AutoModelForSeq2SeqLM.from_pretrained({base!r}), {str(directory)!r})\n"
+             "vecs = petune.encode(tuned, tokenizer, texts)  # [n, d]")
+    write_card(directory, model_card(tuned, scores_markdown=scores_markdown, command=command, usage=usage))

@@ -49,20 +49,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from common import (DEFAULT_LR, RunMismatch, add_method_args, add_run_args, cache_dir, load_model,  # noqa: E402
-                    method_options, start_run, write_report)
+from common import (DEFAULT_LR, RunMismatch, add_index_args, add_method_args, add_run_args, cache_dir,  # noqa: E402
+                    dense_run, load_model, method_options, start_run, write_report)
 from petune.data import viquae  # noqa: E402
-from petune.data.stream import RowIds  # noqa: E402
-from petune.embed import encode_sharded, encoder_key  # noqa: E402
-from petune.score import (BM25, DenseIndex, ExactStoreIndex, build_index, compare, p_values,  # noqa: E402
-                          report_markdown)
+from petune.score import BM25, compare, p_values, report_markdown  # noqa: E402
 from petune.train import DPRLoss, RetrievalCollator, Task, Trainer  # noqa: E402
 from petune.dist import process_state  # noqa: E402
 
 STAGES = ("first_stage", "viquae")
-#: from this many passages on, the store path (disk, chunks) replaces the in-memory one: up to 10⁵
-#: both take about the same time (benchmarks/kb_scale.py) and the in-memory one writes nothing
-STORE_FROM = 100_000
 
 log = logging.getLogger("viquae")
 METRICS = ["mrr@100", "precision@1", "precision@20", "hit_rate@20"]
@@ -84,17 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--bm25-k1", type=float, default=0.5)
     parser.add_argument("--bm25-b", type=float, default=0.3)
     parser.add_argument("--hard-negatives-k", type=int, default=100, help="BM25 depth mined for hard negatives")
-    parser.add_argument("--index-factory", default="Flat", help="faiss factory string, e.g. 'IVF65536,PQ64'")
-    parser.add_argument("--index-params", help="faiss search parameters, e.g. 'nprobe=64' (IVF lists visited)")
-    parser.add_argument("--index-train-size", type=int, help="rows an IVF / PQ index is trained on (default: 40 "
-                        "per centroid, FAISS's advice)")
-    parser.add_argument("--store-from", type=int, default=STORE_FROM, help="collections of at least this many "
-                        "passages are encoded to an on-disk store in chunks (resumable, bounded memory); smaller "
-                        "ones in memory; 0: always the store")
-    parser.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
-                        help="embedding store dtype (float16 halves the disk)")
-    parser.add_argument("--store-chunk-size", type=int, default=16384, help="passages per store chunk (the work "
-                        "a kill loses per process)")
+    add_index_args(parser)
     parser.add_argument("--question-length", type=int, default=64)
     parser.add_argument("--passage-length", type=int, default=256)
     parser.add_argument("--compare-frozen", action="store_true", help="also score the frozen model (encodes "
@@ -125,39 +109,6 @@ def training_examples(split, qrels, negatives, passages, images=None):
         if images is not None:
             examples[-1]["image"] = images[qid]
     return examples, skipped
-
-
-def dense_run(model, tokenizer, passages, split, qids, args, cache, images=None):
-    """The test run of a dense model: every process encodes its share of the passages and
-    questions (with their image features, ``images[qid]``, when given); the main process gets the
-    ``ranx.Run`` (the others ``None``).
-
-    At least ``--store-from`` passages: each process encodes its chunks to an embedding store in
-    ``cache``/stores (named by the encoder's key, so a rerun reuses or continues it), the index is
-    built from the store, and with ``"Flat"`` every process searches its own chunks. Fewer: the
-    passages are encoded in memory, gathered on the main process and indexed there."""
-    questions = dict(zip(viquae.question_ids(split), split["input"]))
-    q = encode_sharded(model, tokenizer, [questions[i] for i in qids], max_length=args.question_length,
-                       cache_dir=cache, images=None if images is None else [images[i] for i in qids],
-                       gather_to="all")
-    k = min(100, len(passages))
-    if len(passages) < args.store_from:
-        vecs = encode_sharded(model, tokenizer, list(passages["passage"]), max_length=args.passage_length,
-                              cache_dir=cache)
-        if vecs is None:
-            return None
-        return DenseIndex(vecs, RowIds(len(passages)), factory=args.index_factory).search(q, qids, k=k)
-    options = {"max_length": args.passage_length}
-    where = Path(cache) / "stores" / f"passages-{encoder_key(model, tokenizer, options)}"
-    store = petune.encode_to_store(model, tokenizer, passages, where, column="passage", dtype=args.store_dtype,
-                                   chunk_size=args.store_chunk_size, **options)
-    if args.index_factory == "Flat":
-        return ExactStoreIndex(store).search(q, qids, k=k, sharded=True)
-    if not process_state().is_main_process:
-        return None
-    index = build_index(store, args.index_factory, train_size=args.index_train_size, seed=args.seed,
-                        search_params=args.index_params)
-    return index.search(q, qids, k=k)
 
 
 def main(argv=None):
@@ -217,9 +168,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     test_ids = list(qrels["test"])
+    test_questions = {q: t for q, t in zip(viquae.question_ids(dataset["test"]), dataset["test"]["input"])
+                      if q in qrels["test"]}
     frozen_run = None
     if args.compare_frozen:
-        frozen_run = dense_run(model, tokenizer, passages, dataset["test"], test_ids, args, cache)
+        frozen_run = dense_run(model, tokenizer, passages, test_questions, args, cache,
+                               query_length=args.question_length)
 
     tuned = petune.attach(model, args.method, **method_options(args))
     if images is not None:
@@ -249,7 +203,8 @@ def main(argv=None):
 
     test = dataset["test"]
     label = f"{args.method} + images" if images is not None else args.method
-    tuned_run = dense_run(tuned, tokenizer, passages, test, test_ids, args, cache, images=images)
+    tuned_run = dense_run(tuned, tokenizer, passages, test_questions, args, cache, images=images,
+                          query_length=args.question_length)
     if state.is_main_process:
         questions = dict(zip(viquae.question_ids(test), test["input"]))
         runs = {"BM25": bm25.search({q: questions[q] for q in test_ids}, k=min(100, len(passages)))}

@@ -1,0 +1,60 @@
+"""Reading users' files line by line, with errors that name the file, the line and the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Bad input data: ``path:line: problem. fix`` (``line`` 0: the file as a whole)."""
+
+    def __init__(self, path, line: int, problem: str, fix: str = ""):
+        self.path, self.line, self.problem, self.fix = str(path), line, problem, fix
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"{where}: {problem}" + (f". {fix}" if fix else ""))
+
+
+def require_file(path: str | os.PathLike, what: str, fix: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, 0, f"no such file ({what})", fix)
+    return path
+
+
+def jsonl_rows(path: str | os.PathLike, fields: dict[str, type | tuple], example: str) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSON-lines file, checked.
+
+    Args:
+        fields: required fields and their types (``str`` fields also accept ints, as ids often
+            are; they are turned into strings).
+        example: a well-formed line, quoted in the errors.
+
+    Raises:
+        DataError: a line that is not one JSON object, a missing field, a field of another type.
+    """
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, number, f"not valid JSON ({e.msg} at column {e.colno})",
+                                f"each line must be one JSON object, e.g. {example}") from None
+            if not isinstance(row, dict):
+                raise DataError(path, number, f"a JSON {type(row).__name__}, not an object",
+                                f"each line must be one JSON object, e.g. {example}")
+            for name, kind in fields.items():
+                if name not in row:
+                    raise DataError(path, number, f"no {name!r} field (it has {sorted(row)})",
+                                    f"each line needs {sorted(fields)}, e.g. {example}")
+                value = row[name]
+                if kind is str and isinstance(value, int) and not isinstance(value, bool):
+                    row[name] = value = str(value)
+                if not isinstance(value, kind):
+                    raise DataError(path, number, f"{name!r} is a {type(value).__name__}",
+                                    f"it must be a {getattr(kind, '__name__', kind)}, e.g. {example}")
+            yield number, row

@@ -1,0 +1,276 @@
+"""Retrieval on your own collection: a BEIR directory in, a tuned encoder and a report out.
+
+    python recipes/retrieval.py --beir my-data --method lora
+    python recipes/retrieval.py --beir my-data --train-file pairs.jsonl --model t5-base --method adapter
+    accelerate launch --multi_gpu --num_processes 8 recipes/retrieval.py --hub BeIR/scifact ...
+
+Data: a BEIR directory (corpus.jsonl, queries.jsonl, qrels/{train,dev,test}.tsv; docs/your-data.md)
+or a hub id in BEIR's convention (--hub BeIR/scifact, qrels in BeIR/scifact-qrels). Everything is
+checked before anything is trained; a problem exits with status 2 naming the file, the line and
+the fix, and nothing is written.
+
+Steps:
+1. training examples: each query of qrels/train.tsv with each of its relevant documents, and/or
+   the lines of --train-file (Tevatron / sentence-transformers shapes); BM25 hard negatives (the
+   top --bm25-depth documents minus the relevant ones, BM25 order); every relevant document of a
+   query is left out of its in-batch and hard negatives (false negatives masked);
+2. DPR-style contrastive training of the method (cosine similarity by default, in-batch
+   negatives, --hard-negatives per example), on 1 or N processes;
+3. model selection on dev when qrels/dev.tsv exists: after every epoch the dev queries rerank
+   their BM25 top --dev-candidates plus their relevant documents; the best epoch's parameters
+   are kept;
+4. test: BM25, the frozen model and the tuned one over the whole corpus (on-disk store from
+   --store-from documents on), ranx MRR@10, nDCG@10, Recall@100, Fisher's randomization test
+   p ≤ 0.01; report.md / report.json, the tuned parameters with a model card in --output-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from common import (DEFAULT_LR, RunMismatch, add_index_args, add_method_args, add_run_args, cache_dir, dense_run,
+                    load_model, method_options, start_run, write_model_card, write_report)
+
+log = logging.getLogger("retrieval")
+METRICS = ["mrr@10", "ndcg@10", "recall@100"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--beir", help="a BEIR directory: corpus.jsonl, queries.jsonl, qrels/{train,dev,test}.tsv")
+    data.add_argument("--hub", help="a hub id in BEIR's convention (BeIR/scifact + BeIR/scifact-qrels)")
+    parser.add_argument("--train-file", help="training examples, JSON lines: {query, positive(s), negative(s)} or "
+                        "Tevatron's {query, positive_passages, negative_passages}")
+    parser.add_argument("--model", help="seq2seq model name or path (default: the packaged MiniLM BERT2BERT)")
+    add_method_args(parser)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per batch and process")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--similarity", default="cosine", choices=["cosine", "dot"],
+                        help="cosine: normalised embeddings, scores times --scale in the loss; dot: inner product")
+    parser.add_argument("--scale", type=float, default=20.0, help="cosine scale in the loss (1 / temperature)")
+    parser.add_argument("--hard-negatives", type=int, default=1, help="BM25 hard negatives per training example")
+    parser.add_argument("--bm25-depth", type=int, default=100, help="BM25 depth mined for hard negatives")
+    parser.add_argument("--bm25-k1", type=float, default=1.2)
+    parser.add_argument("--bm25-b", type=float, default=0.75)
+    parser.add_argument("--dev-candidates", type=int, default=100, help="BM25 depth of each dev query's candidates")
+    parser.add_argument("--query-length", type=int, default=64)
+    parser.add_argument("--passage-length", type=int, default=256)
+    parser.add_argument("--train-passage-length", type=int, default=128, help="passage tokens during training")
+    parser.add_argument("--query-prefix", default="", help="prepended to every query (e.g. 'query: ')")
+    parser.add_argument("--passage-prefix", default="", help="prepended to every document (e.g. 'passage: ')")
+    add_index_args(parser)
+    parser.add_argument("--output-dir", default="runs/retrieval")
+    add_run_args(parser, checkpoint_every=200)
+    args = parser.parse_args(argv)
+    args.lr = args.lr or DEFAULT_LR[args.method]
+    return args
+
+
+def load_data(args, state):
+    """The checked collection (the main process converts the corpus to Arrow first) and the
+    training file's examples."""
+    from petune.data.beir import beir_from_hub, load_beir, read_training_file
+
+    root = args.beir
+    with state.main_process_first():
+        if args.hub:
+            root = Path(cache_dir(args)) / "beir" / args.hub.replace("/", "--")
+            if not (root / "corpus.jsonl").exists():
+                beir_from_hub(args.hub, root)
+        data = load_beir(root, cache_dir=Path(cache_dir(args)) / "datasets",
+                         required=("test",) if args.train_file else ("train", "test"))
+    extra = read_training_file(args.train_file) if args.train_file else []
+    return data, extra
+
+
+def texts_of(corpus, rows) -> dict[int, str]:
+    """``{row: passage}`` for the given corpus rows (random access into the Arrow file)."""
+    rows = sorted(set(int(r) for r in rows))
+    return dict(zip(rows, corpus.select(rows)["passage"])) if rows else {}
+
+
+def rows_of(corpus, ids) -> dict[str, int]:
+    """``{document id: row}`` for the given ids, in one streamed pass over the ``_id`` column."""
+    from petune.data.stream import column_rows
+
+    wanted = set(ids)
+    return {d: row for row, d in enumerate(column_rows(corpus, "_id")) if d in wanted}
+
+
+def ids_of(corpus, runs: dict) -> dict:
+    """Runs over corpus rows (``ranx.Run`` or dicts) with their documents named by ``_id``."""
+    from petune.score import make_run
+
+    runs = {name: (r.to_dict() if hasattr(r, "to_dict") else r) for name, r in runs.items()}
+    rows = sorted({int(d) for run in runs.values() for docs in run.values() for d in docs})
+    name = dict(zip(rows, corpus.select(rows)["_id"])) if rows else {}
+    return {k: make_run({q: {name[int(d)]: s for d, s in docs.items()} for q, docs in run.items()}, name=k)
+            for k, run in runs.items()}
+
+
+def training_examples(data, extra, bm25, args, state) -> tuple[list[dict], int]:
+    """One example per (query, relevant document) of qrels/train.tsv and per (query, positive) of
+    the training file, each with ``--hard-negatives`` BM25 negatives and the list of all its
+    query's relevant texts; examples short of negatives are dropped (counted)."""
+    train = data.qrels.get("train", {})
+    relevant = {q: [d for d, s in docs.items() if s > 0] for q, docs in train.items()}
+    row = rows_of(data.corpus, {d for docs in relevant.values() for d in docs})
+    queries = {q: data.queries[q] for q in relevant}
+    queries.update({f"file-{i}": e["query"] for i, e in enumerate(extra)})
+    with state.main_process_first():  # the main process builds the index; the others read its cached runs
+        run = bm25.search(queries, k=min(args.bm25_depth, len(data.corpus))).to_dict() if queries else {}
+    ranked = {q: sorted(docs, key=lambda d: -docs[d]) for q, docs in run.items()}
+    texts = texts_of(data.corpus, [*row.values(), *(d for docs in ranked.values() for d in docs)])
+    examples, dropped = [], 0
+    for q, docs in relevant.items():
+        positives = [texts[row[d]] for d in docs]
+        mine = {str(row[d]) for d in docs}
+        negatives = [texts[int(d)] for d in ranked.get(q, []) if d not in mine][:args.hard_negatives]
+        for positive in positives:
+            if len(negatives) < args.hard_negatives:
+                dropped += 1
+                continue
+            examples.append({"query": queries[q], "positive": positive, "negatives": negatives,
+                             "relevant": positives})
+    for i, e in enumerate(extra):
+        given = set(e["positives"])
+        negatives = e["negatives"][:args.hard_negatives]
+        negatives += [texts[int(d)] for d in ranked.get(f"file-{i}", []) if texts[int(d)] not in given
+                      and texts[int(d)] not in negatives][:args.hard_negatives - len(negatives)]
+        for positive in e["positives"]:
+            if len(negatives) < args.hard_negatives:
+                dropped += 1
+                continue
+            examples.append({"query": e["query"], "positive": positive, "negatives": negatives,
+                             "relevant": e["positives"]})
+    return examples, dropped
+
+
+def dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state):
+    """``eval_fn`` for the Trainer: dev MRR@10 reranking each dev query's BM25 top
+    ``--dev-candidates`` plus its relevant documents; saves the best parameters in
+    ``out_dir/best`` (main process). ``None`` without a dev split."""
+    import petune
+    from petune.score import DenseIndex, evaluate
+
+    if "dev" not in data.qrels:
+        return None
+    dev = data.split_queries("dev")
+    with state.main_process_first():
+        run = bm25.search(dev, k=min(args.dev_candidates, len(data.corpus))).to_dict()
+    row = rows_of(data.corpus, {d for docs in data.qrels["dev"].values() for d in docs})
+    candidates = sorted({int(d) for docs in run.values() for d in docs} | set(row.values()))
+    texts = texts_of(data.corpus, candidates)
+    best = {"mrr@10": -1.0}
+    normalize = args.similarity == "cosine"
+
+    def evaluate_dev(trainer) -> dict:
+        docs = petune.encode(tuned, tokenizer, [texts[r] for r in candidates], max_length=args.passage_length,
+                             prefix=args.passage_prefix, normalize=normalize, progress=False)
+        q = petune.encode(tuned, tokenizer, list(dev.values()), max_length=args.query_length,
+                          prefix=args.query_prefix, normalize=normalize, progress=False)
+        found = DenseIndex(docs, [str(r) for r in candidates]).search(q, list(dev), k=min(100, len(candidates)))
+        qrels = {q: {str(row[d]): s for d, s in docs.items()} for q, docs in data.qrels["dev"].items()}
+        score = evaluate(qrels, found, "mrr@10")["mrr@10"]
+        if score > best["mrr@10"]:
+            best["mrr@10"] = score
+            if state.is_main_process:
+                petune.save(tuned, out_dir / "best")
+        state.wait_for_everyone()
+        return {"dev_mrr@10": score}
+
+    return evaluate_dev
+
+
+def main(argv=None):
+    import petune
+    from petune.data.files import DataError
+    from petune.dist import process_state
+    from petune.score import BM25, compare, p_values, report_markdown
+    from petune.train import DPRLoss, RetrievalCollator, Task, Trainer
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    state = process_state()
+    started = time.time()
+    out_dir = Path(args.output_dir)
+    try:
+        data, extra = load_data(args, state)  # before anything is written in the output dir
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        resume_from = start_run(args, out_dir, [out_dir / "checkpoints"], state)
+    except RunMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cache = cache_dir(args)
+    bm25 = BM25(data.corpus, column="passage", k1=args.bm25_k1, b=args.bm25_b, cache_dir=cache)
+    examples, dropped = training_examples(data, extra, bm25, args, state)
+    if not examples:
+        print("error: no training example has a relevant passage and a BM25 hard negative; add training queries "
+              "(qrels/train.tsv or --train-file) or lower --hard-negatives", file=sys.stderr)
+        return 2
+    log.info("%d training examples (%d dropped: fewer than %d hard negatives)", len(examples), dropped,
+             args.hard_negatives)
+    import torch
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    normalize = args.similarity == "cosine"
+    test = data.split_queries("test")
+    encode_options = dict(query_length=args.query_length, query_prefix=args.query_prefix,
+                          passage_prefix=args.passage_prefix, normalize=normalize)
+    frozen_run = dense_run(model, tokenizer, data.corpus, test, args, cache, **encode_options)
+    tuned = petune.attach(model, args.method, **method_options(args))
+    if state.is_main_process:
+        print(tuned.trainable_report())
+    collate = RetrievalCollator(tokenizer, query_max_length=args.query_length,
+                                passage_max_length=args.train_passage_length, query_prefix=args.query_prefix,
+                                passage_prefix=args.passage_prefix)
+    loss = DPRLoss(scale=args.scale if normalize else None)
+    task = Task("retrieval", examples, collate, loss, batch_size=min(args.batch_size, len(examples)), drop_last=True)
+    select = dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state)
+    steps_per_epoch = max(1, len(examples) // (task.batch_size * state.num_processes))
+    history = Trainer(tuned, [task], epochs=args.epochs, lr=args.lr, seed=args.seed, output_dir=out_dir,
+                      checkpoint_every=args.checkpoint_every, eval_fn=select,
+                      eval_every=steps_per_epoch if select else None).fit(resume_from=resume_from)
+    if select is not None and (out_dir / "best").exists():
+        petune.load(tuned, out_dir / "best")  # the dev-selected parameters
+    tuned_run = dense_run(tuned, tokenizer, data.corpus, test, args, cache, **encode_options)
+    if state.is_main_process:
+        runs = {"BM25": bm25.search(test, k=min(100, len(data.corpus))), "frozen": frozen_run,
+                args.method: tuned_run}
+        report = compare(data.qrels["test"], ids_of(data.corpus, runs), metrics=METRICS)
+        petune.save(tuned, out_dir / "tuned")
+        command = "recipes/retrieval.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        summary = {
+            "command": command, "data": str(data.root), "method": args.method, "options": method_options(args),
+            "lr": args.lr, "epochs": args.epochs, "processes": state.num_processes,
+            "trainable": tuned.trainable_report().as_dict(),
+            "corpus": len(data.corpus), "queries": {s: len(q) for s, q in data.qrels.items()},
+            "training_examples": len(examples), "dropped_no_hard_negative": dropped,
+            "dev": history["eval"], "steps": len(history["loss"]),
+            "scores": {run: dict(v) for run, v in report.results.items()}, "p_values": p_values(report),
+            "index_factory": args.index_factory, "passage_store": len(data.corpus) >= args.store_from,
+            "total_seconds": round(time.time() - started, 1),
+        }
+        markdown = "\n".join([
+            f"# petune retrieval — {args.method} on {data.root.name}", "", f"`{command}`", "",
+            f"Test: {len(test)} queries over {len(data.corpus):,} documents; {len(examples)} training examples"
+            + (f", dev MRR@10 per epoch {[round(e['dev_mrr@10'], 3) for e in history['eval']]}" if select else "")
+            + ".", "", report_markdown(report), ""])
+        write_report(out_dir, markdown, summary)
+        write_model_card(out_dir / "tuned", tuned, command, report_markdown(report))
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

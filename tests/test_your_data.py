@@ -1,0 +1,248 @@
+"""Users' own data: BEIR directories, training files and labelled texts checked with errors that
+name the file and the line; the retrieval and classification jobs end to end on real BBC data in
+those formats; export to the sentence-transformers layout with a model card."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import petune
+from petune.data.beir import load_beir, read_training_file, write_beir
+from petune.data.files import DataError
+from petune.data.labelled import check_splits, read_labelled, split_labelled
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "recipes"))
+ENV_RUN = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def bbc_beir(root: Path, n: int = 60, chars: int = 300) -> Path:
+    """``n`` real BBC articles as a BEIR collection: headline → body, 60 / 20 / 20 % train / dev / test."""
+    from petune.data.packaged import bbc_news, bbc_retrieval, split_ids
+
+    articles = bbc_news()[::7][:n]  # several topics
+    news = bbc_retrieval(articles, max_chars=chars)
+    splits = zip(("train", "dev", "test"), split_ids([a["id"] for a in articles], fractions=(0.6, 0.2, 0.2)))
+    return write_beir(root, news.docs, news.queries, {s: {f"q-{a}": news.qrels[f"q-{a}"] for a in ids}
+                                                      for s, ids in splits})
+
+
+def test_beir_directory_loads_into_a_streamed_corpus(tmp_path):
+    root = bbc_beir(tmp_path / "bbc")
+    data = load_beir(root, cache_dir=tmp_path / "cache")
+    assert len(data.corpus) == 60 and data.corpus.column_names == ["_id", "passage"]
+    assert set(data.qrels) == {"train", "dev", "test"} and len(data.qrels["test"]) == 12
+    assert data.split_queries("test") == {q: data.queries[q] for q in data.qrels["test"]}
+    assert all(petune.data.stream._arrow_files(data.corpus, "passage") for _ in [0])  # read from its Arrow file
+
+
+def _edit(root: Path, name: str, lines: list[str]) -> None:
+    (root / name).write_text("".join(line + "\n" for line in lines))
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("malformed", r"corpus.jsonl:2: not valid JSON .* each line must be one JSON object"),
+    ("missing field", r"corpus.jsonl:1: no 'text' field"),
+    ("duplicate", r"corpus.jsonl:3: duplicate _id 'd1' \(first on line 1\)"),
+    ("unknown doc", r"qrels/test.tsv:2: corpus-id 'd9' is not in corpus.jsonl"),
+    ("unknown query", r"qrels/test.tsv:2: query-id 'q9' is not in queries.jsonl"),
+    ("bad score", r"qrels/test.tsv:2: score 'yes' is not an integer"),
+    ("empty split", r"qrels/test.tsv: no positive judgement"),
+    ("overlap", r"qrels/test.tsv: 1 test queries are also train queries \(e.g. 'q1'\)"),
+    ("no test", r"qrels/test.tsv: no test split"),
+])
+def test_beir_bad_input_names_file_line_and_fix(tmp_path, case, expected):
+    root = tmp_path / "data"
+    write_beir(root, {"d1": "a cat sat", "d2": "dogs bark"}, {"q1": "cat", "q2": "dog"},
+               {"train": {"q1": {"d1": 1}}, "test": {"q2": {"d2": 1}}})
+    corpus = ['{"_id": "d1", "text": "a cat sat"}', '{"_id": "d2", "text": "dogs bark"}']
+    if case == "malformed":
+        _edit(root, "corpus.jsonl", [corpus[0], '{"_id": "d2", "text": "dogs bark"'])
+    elif case == "missing field":
+        _edit(root, "corpus.jsonl", ['{"_id": "d1", "body": "a cat sat"}'])
+    elif case == "duplicate":
+        _edit(root, "corpus.jsonl", [*corpus, '{"_id": "d1", "text": "again"}'])
+    elif case in ("unknown doc", "unknown query", "bad score"):
+        row = {"unknown doc": "q2\td9\t1", "unknown query": "q9\td2\t1", "bad score": "q2\td2\tyes"}[case]
+        _edit(root, "qrels/test.tsv", ["query-id\tcorpus-id\tscore", row])
+    elif case == "empty split":
+        _edit(root, "qrels/test.tsv", ["query-id\tcorpus-id\tscore", "q2\td2\t0"])
+    elif case == "overlap":
+        _edit(root, "qrels/test.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1"])
+    else:
+        (root / "qrels" / "test.tsv").unlink()
+    with pytest.raises(DataError, match=expected) as error:
+        load_beir(root, cache_dir=tmp_path / "cache")
+    assert error.value.fix  # every message says what to do
+
+
+def test_training_files_in_tevatron_and_sentence_transformers_shapes(tmp_path):
+    f = tmp_path / "train.jsonl"
+    f.write_text("\n".join([
+        json.dumps({"query": "q one", "positive": "p one", "negatives": ["n1", "n2"]}),
+        json.dumps({"anchor": "q two", "positive": ["p2a", "p2b"]}),
+        json.dumps({"query": "q three", "positive_passages": [{"title": "T", "text": "p three"}],
+                    "negative_passages": [{"text": "n3"}]})]))
+    assert read_training_file(f) == [
+        {"query": "q one", "positives": ["p one"], "negatives": ["n1", "n2"]},
+        {"query": "q two", "positives": ["p2a", "p2b"], "negatives": []},
+        {"query": "q three", "positives": ["T p three"], "negatives": ["n3"]}]
+    f.write_text(json.dumps({"query": "q"}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:1: no 'positive' passage"):
+        read_training_file(f)
+    f.write_text('{"query": "q", "positive": 3}\n')
+    with pytest.raises(DataError, match=r"train.jsonl:1: 'positive' holds a int"):
+        read_training_file(f)
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerows(rows)
+    return path
+
+
+def test_labelled_texts_bad_input(tmp_path):
+    good = write_csv(tmp_path / "good.csv", [["text", "label"], ["stocks fell", "business"], ["a goal", "sport"]])
+    assert read_labelled(good).labels == ["business", "sport"]
+    bad_header = write_csv(tmp_path / "h.csv", [["body", "label"], ["stocks fell", "business"]])
+    with pytest.raises(DataError, match=r"h.csv:1: no column 'text' .* --text-column"):
+        read_labelled(bad_header)
+    empty = write_csv(tmp_path / "e.csv", [["text", "label"], ["stocks fell", "business"], ["", "sport"]])
+    with pytest.raises(DataError, match=r"e.csv:3: empty 'text'"):
+        read_labelled(empty)
+    (tmp_path / "j.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"j.jsonl:2: no 'label' field"):
+        read_labelled(tmp_path / "j.jsonl")
+    test = write_csv(tmp_path / "t.csv", [["text", "label"], ["a goal", "sport"]])
+    with pytest.raises(DataError, match=r"t.csv:2: this test text is also a training text \(.*good.csv:3\)"):
+        check_splits(read_labelled(good), read_labelled(test))
+    unseen = write_csv(tmp_path / "u.csv", [["text", "label"], ["rain again", "weather"]])
+    with pytest.raises(DataError, match=r"u.csv:2: label 'weather' never occurs in training"):
+        check_splits(read_labelled(good), read_labelled(unseen))
+    train, dev, test = split_labelled(read_labelled(good), fractions=(1.0, 0.0, 0.0))
+    with pytest.raises(DataError, match="the test split is empty"):
+        check_splits(train, test)
+
+
+def test_retrieval_job_on_a_beir_directory(tmp_path):
+    """One command: BM25, frozen and tuned on the test split with significance marks; dev chooses
+    the epoch; bad data exits 2 before anything is written."""
+    import retrieval
+
+    root = bbc_beir(tmp_path / "bbc")
+    out = tmp_path / "run"
+    args = ["--beir", str(root), "--method", "lora", "--epochs", "2", "--batch-size", "6", "--passage-length", "96",
+            "--train-passage-length", "64", "--output-dir", str(out)]
+    assert retrieval.main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["scores"]) == {"BM25", "frozen", "lora"}
+    assert set(report["scores"]["lora"]) == {"mrr@10", "ndcg@10", "recall@100"}
+    assert report["queries"] == {"train": 36, "dev": 12, "test": 12} and report["training_examples"] > 30
+    assert [e["step"] for e in report["dev"]] == [5, 10]  # 34 examples / batch 6: 5 steps per epoch
+    assert (out / "best" / "petune.json").exists()
+    assert "Fisher" in (out / "report.md").read_text()
+    card = (out / "tuned" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: \"petune\"") and "| lora |" in card and "recipes/retrieval.py" in card
+    # the frozen run is BM25-level or better on headline → body, and scores are the report's
+    assert report["scores"]["frozen"]["mrr@10"] > 0.5
+
+    _edit(root, "qrels/test.tsv", ["query-id\tcorpus-id\tscore", "q-nope\tx\t1"])
+    bad_out = tmp_path / "bad"
+    assert retrieval.main(["--beir", str(root), "--output-dir", str(bad_out)]) == 2
+    assert not bad_out.exists()
+
+
+@pytest.mark.multiproc
+def test_retrieval_job_two_processes(tmp_path):
+    root = bbc_beir(tmp_path / "bbc", n=40)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(ROOT / "recipes" / "retrieval.py"), "--beir", str(root), "--method", "lora", "--batch-size", "4",
+           "--passage-length", "64", "--train-passage-length", "48", "--store-from", "0", "--store-chunk-size", "8",
+           "--output-dir", str(out)]
+    done = subprocess.run(cmd, env={**os.environ, **ENV_RUN}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["processes"] == 2 and report["passage_store"] and set(report["scores"]) == {"BM25", "frozen", "lora"}
+
+
+def test_classification_job_on_a_labelled_csv(tmp_path):
+    import classify
+    from petune.data.packaged import bbc_news
+
+    rows = [["text", "label"]] + [[a["body"][:200], a["topic"]] for a in bbc_news()[::17]]
+    data = write_csv(tmp_path / "bbc.csv", rows)
+    out = tmp_path / "run"
+    assert classify.main(["--data", str(data), "--method", "lora", "--batch-size", "16", "--max-length", "64",
+                          "--k", "5", "--output-dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["scores"]) == {"frozen", "lora"} and len(report["labels"]) == 5
+    for scores in report["scores"].values():
+        assert 0.4 < scores["accuracy"] <= 1.0 and 0.0 < scores["macro_f1"] <= 1.0
+    assert (out / "tuned" / "README.md").exists()
+    assert classify.main(["--data", str(write_csv(tmp_path / "x.csv", [["body"], ["a"]])),
+                          "--output-dir", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def _tiny(kind, vocab):
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    seq = dict(vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+               pad_token_id=0, bos_token_id=101, eos_token_id=102, decoder_start_token_id=102)
+    if kind == "t5":
+        return T.T5ForConditionalGeneration(T.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                       num_heads=4, decoder_start_token_id=0, pad_token_id=0))
+    return {"pegasus": T.PegasusForConditionalGeneration, "marian": T.MarianMTModel,
+            "bart": T.BartForConditionalGeneration}[kind](
+        {"pegasus": T.PegasusConfig, "marian": T.MarianConfig, "bart": T.BartConfig}[kind](**seq))
+
+
+@pytest.mark.parametrize("kind, settings", [
+    ("minilm", {"normalize": True, "prefix": "query: "}),
+    ("minilm", {"pooling": "first"}),
+    ("t5", {}),
+    ("pegasus", {"max_length": 64}),
+    ("marian", {"max_length": 64, "normalize": True}),
+])
+def test_sentence_transformers_export_gives_petune_embeddings(tmp_path, minilm_tokenizer, kind, settings):
+    st = pytest.importorskip("sentence_transformers", reason="pip install petune[serve]")
+    import torch
+
+    from petune.data.packaged import minilm_encoder_decoder
+
+    model = minilm_encoder_decoder() if kind == "minilm" else _tiny(kind, minilm_tokenizer.vocab_size)
+    tuned = petune.attach(model, "lora", r=4)
+    for p in tuned.tuned_parameters().values():  # LoRA starts as the identity: make it change something
+        torch.nn.init.normal_(p, std=0.05)
+    path = petune.export(tuned, tmp_path / "st", tokenizer=minilm_tokenizer, format="sentence-transformers",
+                         scores_markdown="| run | MRR@10 |\n|---|---|\n| lora | 0.9 |", command="recipes/x.py",
+                         **settings)
+    texts = ["A short query.", "A much longer passage about markets and what happened there today.", "x"]
+    served = st.SentenceTransformer(str(path), device="cpu")
+    want = petune.encode(tuned, minilm_tokenizer, texts, max_length=served.max_seq_length,
+                         pooling=settings.get("pooling", "mean"), prefix=settings.get("prefix", ""),
+                         normalize=settings.get("normalize", False))
+    np.testing.assert_allclose(served.encode(texts, convert_to_numpy=True), want, atol=1e-5)
+    card = (path / "README.md").read_text()
+    assert 'library_name: "sentence-transformers"' in card and "| lora | 0.9 |" in card and "recipes/x.py" in card
+    assert json.loads((path / "petune_export.json").read_text())["format"] == "sentence-transformers"
+
+
+def test_sentence_transformers_export_refuses_what_it_cannot_serve(tmp_path, minilm_tokenizer):
+    tuned = petune.attach(_tiny("bart", minilm_tokenizer.vocab_size), "lora")
+    with pytest.raises(ValueError, match="cannot load the encoder of a 'bart' model"):
+        petune.export(tuned, tmp_path / "x", tokenizer=minilm_tokenizer, format="sentence-transformers")
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        petune.export(tuned, tmp_path / "x", format="sentence-transformers")
+    assert not (tmp_path / "x").exists()
