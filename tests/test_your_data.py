@@ -246,3 +246,14 @@ def test_sentence_transformers_export_refuses_what_it_cannot_serve(tmp_path, min
     with pytest.raises(ValueError, match="needs the tokenizer"):
         petune.export(tuned, tmp_path / "x", format="sentence-transformers")
     assert not (tmp_path / "x").exists()
+
+
+def test_hub_collections_that_do_not_load_exit_with_the_way_out(tmp_path):
+    import retrieval
+
+    from petune.data.beir import beir_from_hub
+
+    with pytest.raises(DataError, match="cannot load it with datasets .* give a BEIR directory instead"):
+        beir_from_hub("no-such-user/no-such-beir", tmp_path / "x")
+    assert retrieval.main(["--hub", "no-such-user/no-such-beir", "--output-dir", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()  # nothing written
