@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 VIQUAE_PASSAGES = 11_900_000
 
 

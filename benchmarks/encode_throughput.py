@@ -17,13 +17,11 @@ import os
 import platform
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stats import ratio_ci, timed_pairs, verdict  # noqa: E402
 

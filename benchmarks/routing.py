@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stats import ratio_ci, timed_pairs  # noqa: E402
 

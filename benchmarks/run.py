@@ -10,7 +10,7 @@ Rows: frozen (zero-shot), full fine-tuning, prompt tuning (20 tokens), one bottl
 writes benchmarks/runs/<method>-<seed>.json; the frozen run's ranx runs are kept so every row is
 tested against it (Fisher's randomization test, p ≤ 0.01). Then the table (RESULTS.md, LaTeX),
 results.json and plots (PNG) are written. Timings are never asserted in tests.
-The learning rates in ROWS come from benchmarks/lr_sweep.py (benchmarks/LR_SWEEP.md), which runs
+The learning rates in ROWS come from lab/lr_sweep.py (lab/LR_SWEEP.md), which runs
 rows with ``--lr`` and ``--eval-split val``: the validation split, so that test is never used to choose.
 """
 
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "recipes"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROWS = {  # name: (method, options, tasks mode, lr)
@@ -73,7 +72,8 @@ def run_one(name: str, seed: int, args) -> dict:
     """Train and score one row with one seed (in this process)."""
     import torch
 
-    import offline
+    from petune.jobs import offline
+    from petune.jobs.common import load_model
     import petune
     from petune.train import Trainer
 
@@ -84,9 +84,9 @@ def run_one(name: str, seed: int, args) -> dict:
     argv = [*data_options(args), "--seed", str(seed), "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--train-passage-length", str(args.passage_length),
             "--eval-length", str(args.eval_length), "--output-dir", str(args.work / SLUG[name])]
-    rargs = offline.parse_args(argv)
+    rargs = offline.parse_options(argv)
     torch.manual_seed(seed)
-    model, tokenizer = offline.load_model(None)
+    model, tokenizer = load_model(None)
     data = offline.build_data(rargs)
     texts = [data["news"].docs[a] for a in list(data["news"].docs)[:args.throughput_texts]]
     out = {"row": name, "seed": seed, "method": method, "options": options, "tasks_mode": mode, "lr": lr}
@@ -133,9 +133,9 @@ def data_options(args) -> list[str]:
 def scored_data(args) -> dict:
     """recipes/offline.py's data (``build_data``) at :func:`data_options`: what every run of these
     options is scored on."""
-    import offline
+    from petune.jobs import offline
 
-    return offline.build_data(offline.parse_args(data_options(args)))
+    return offline.build_data(offline.parse_options(data_options(args)))
 
 
 def summarise(args) -> None:
@@ -143,7 +143,7 @@ def summarise(args) -> None:
     import numpy as np
     from ranx import Run
 
-    import offline
+    from petune.jobs import offline
     from petune.score import compare
 
     data = scored_data(args)
@@ -231,7 +231,7 @@ def write_markdown(table, meta, out: Path):
         f"Data: recipes/offline.py tasks, {meta.get('sizes', '')}; seeds {any_row['seeds']} "
         "(quality: mean ± std over seeds; frozen is deterministic and runs once).", "",
         *lines, "",
-        "Learning rates (AdamW, linear warmup 10 % + decay; benchmarks/LR_SWEEP.md): "
+        "Learning rates (AdamW, linear warmup 10 % + decay; lab/LR_SWEEP.md): "
         + ", ".join(f"{n} {e['lr']:g}" for n, e in table.items() if e["lr"]) + ".  ",
         f"BM25 MRR@10 on the same {meta.get('split', 'test')} queries: news {any_row['news']['bm25_mrr@10']:.3f}, "
         f"qa {any_row['qa']['bm25_mrr@10']:.3f}.  ",
@@ -378,7 +378,7 @@ def plot(table, out: Path):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The benchmark's options (benchmarks/lr_sweep.py reads its sizes from here too)."""
+    """The benchmark's options (lab/lr_sweep.py reads its sizes from here too)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"subset of {list(ROWS)}")
@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--one", help="(internal) run one row in this process")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the tables and plots")
     parser.add_argument("--eval-split", default="test", choices=["test", "val"],
-                        help="split scored (val: for choosing settings, benchmarks/lr_sweep.py)")
+                        help="split scored (val: for choosing settings, lab/lr_sweep.py)")
     parser.add_argument("--lr", type=float, help="learning rate of every tuned row instead of ROWS' own")
     return parser
 

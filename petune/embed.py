@@ -110,6 +110,21 @@ def _check_args(texts, pooling, layers, layer_combine, batch_size):
     return texts
 
 
+def pad_ids(tokenizer, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists → ``[batch, seq]`` ids and attention mask, padded with the tokenizer's pad id
+    on its padding side (what ``tokenizer.pad`` does, without a fast tokenizer's warning that
+    calling ``pad`` is slower than tokenising with padding)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), getattr(tokenizer, "pad_token_id", None) or 0, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 def _check_quantize(model, quantize) -> None:
     if quantize is None:
         return
@@ -246,9 +261,9 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
             model.use_task(task)
         with torch.inference_mode():
             for idx in tqdm(batches, desc="encode", unit="batch", disable=not show):
-                padded = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+                ids, mask = pad_ids(tokenizer, [encoded[i] for i in idx])
                 visual = image_batch([images[i] for i in idx], device) if images is not None else None
-                ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
+                ids, mask = ids.to(device), mask.to(device)
                 if per_row:
                     vecs = model.routed([task[i] for i in idx], lambda i, m, v: pool(
                         model, i, m, pooling, layers, layer_combine, images=v), ids, mask, visual).float()

@@ -32,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import (DEFAULT_LR, RunMismatch, add_index_args, add_method_args, add_run_args, cache_dir, dense_run,
-                    load_model, method_options, start_run, write_model_card, write_report)
+from petune.jobs.common import (DEFAULT_LR, RunMismatch, add_index_args, add_method_args, add_run_args, cache_dir,
+                                dense_run, load_model, method_options, start_run, write_model_card, write_report)
 
 log = logging.getLogger("retrieval")
 METRICS = ["mrr@10", "ndcg@10", "recall@100"]

@@ -44,12 +44,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from common import (DEFAULT_LR, RunMismatch, add_index_args, add_method_args, add_run_args, cache_dir,  # noqa: E402
+from petune.jobs.common import (DEFAULT_LR, RunMismatch, add_index_args, add_method_args, add_run_args, cache_dir,  # noqa: E402
                     dense_run, load_model, method_options, start_run, write_report)
 from petune.data import viquae  # noqa: E402
 from petune.score import BM25, compare, p_values, report_markdown  # noqa: E402

@@ -33,13 +33,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from common import RunMismatch, add_run_args, cache_dir, load_model, start_run, write_report  # noqa: E402
+from petune.jobs.common import RunMismatch, add_run_args, cache_dir, load_model, start_run, write_report  # noqa: E402
 from petune.data.packaged import split_ids  # noqa: E402
 from petune.dist import process_state  # noqa: E402
 from petune.embed import encode_sharded  # noqa: E402

@@ -1,7 +1,9 @@
 """Tiny real models for the tests: random weights from each architecture's config class, plus
 the real offline BERT2BERT warm-started from the packaged all-MiniLM-L6-v2."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +49,7 @@ def _seq2seq(config_class, **extra):
 
 
 #: one tiny random model of every AutoModelForSeq2SeqLM architecture transformers 4.57 builds
-#: without downloads (the support matrix in the README is generated from this list)
+#: without downloads (the support matrix in docs/methods.md is generated from this list)
 SEQ2SEQ = {
     "t5": BUILDERS["t5"],
     "mt5": BUILDERS["mt5"],
@@ -143,3 +145,18 @@ def minilm_bert2bert(minilm_path):
     from petune.data.packaged import minilm_encoder_decoder
 
     return minilm_encoder_decoder(minilm_path)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+_SCRIPTS = {}
+
+
+def script(path: str):
+    """A recipe, benchmark or lab script (``"recipes/viquae.py"``) as a module, loaded from its
+    file once per session: its ``main(argv)`` runs in this process."""
+    if path not in _SCRIPTS:
+        spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _SCRIPTS[path] = module
+    return _SCRIPTS[path]

@@ -1,7 +1,7 @@
 """Every built-in method on every seq2seq architecture transformers 4.57 builds without downloads:
 forward + backward, only the method's parameters change after an optimizer step, save / load is
-bit-identical, petune.encode works. The README's support matrix is generated from these lists
-(`python tests/test_architectures.py` prints it; a test checks the README carries it)."""
+bit-identical, petune.encode works. The support matrix in docs/methods.md is generated from these
+lists (`python tests/test_architectures.py` prints it; a test checks docs/methods.md carries it)."""
 
 import sys
 import warnings
@@ -24,7 +24,7 @@ METHODS = {
     "ia3": ("ia3", {}),
     "lora": ("lora", dict(r=4)),
 }
-#: architecture × method pairs that cannot work, with the reason (documented in the README)
+#: architecture × method pairs that cannot work, with the reason (documented in docs/methods.md)
 EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
@@ -124,7 +124,7 @@ def test_describe_and_unknown_layout_error():
 
 
 def support_matrix() -> str:
-    """The README's table: one row per architecture of SEQ2SEQ, one column per method."""
+    """docs/methods.md's table: one row per architecture of SEQ2SEQ, one column per method."""
     lines = ["| architecture | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
     for arch in SEQ2SEQ:
         cells = [f"❌ {EXCEPTIONS[arch, m]}" if (arch, m) in EXCEPTIONS else "✅" for m in METHODS]
@@ -134,7 +134,7 @@ def support_matrix() -> str:
 
 
 def test_readme_carries_the_support_matrix():
-    assert support_matrix() in (ROOT / "README.md").read_text(), "run python tests/test_architectures.py"
+    assert support_matrix() in (ROOT / "docs" / "methods.md").read_text(), "run python tests/test_architectures.py"
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from conftest import script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,10 +55,8 @@ def test_routing_quick(tmp_path):
 
 
 def test_stats_interval_and_verdict():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from stats import abba, ratio_ci, verdict
+    stats = script("benchmarks/stats.py")
+    abba, ratio_ci, verdict = stats.abba, stats.ratio_ci, stats.verdict
 
     assert [abba(k)[0] for k in range(4)] == ["petune", "direct", "petune", "direct"]
     ci = ratio_ci([1.0, 1.02, 0.98, 1.01, 0.99, 1.0])
@@ -64,19 +66,18 @@ def test_stats_interval_and_verdict():
     assert verdict(ci, 0.9, higher_is_better=True) == "met"
 
 
+@pytest.mark.lab
 def test_lr_sweep_quick_trains_each_rate_on_validation(tmp_path):
-    """benchmarks/lr_sweep.py --quick: one run.py process per learning rate, each recorded with that
+    """lab/lr_sweep.py --quick: one run.py process per learning rate, each recorded with that
     rate and scored on the validation queries only; the table marks one choice."""
-    sys.path[:0] = [str(ROOT / "recipes"), str(ROOT / "benchmarks")]
-    import offline
-    from run import parse_args as benchmark_args
-    from run import scored_data
+    from petune.jobs import offline
 
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "lr_sweep.py"), "--quick", "--rows", "LoRA r=8",
+    benchmark = script("benchmarks/run.py")
+    cmd = [sys.executable, str(ROOT / "lab" / "lr_sweep.py"), "--quick", "--rows", "LoRA r=8",
            "--lrs", "0.002", "0.006", "--work", str(tmp_path / "runs"), "--write", str(tmp_path / "LR.md")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    data = scored_data(benchmark_args(["--quick", "--eval-split", "val"]))
+    data = benchmark.scored_data(benchmark.parse_args(["--quick", "--eval-split", "val"]))
     for lr in (0.002, 0.006):
         run = json.loads((tmp_path / "runs" / f"lr-{lr:g}" / "lora-r8-0.json").read_text())
         assert run["lr"] == lr
@@ -86,9 +87,9 @@ def test_lr_sweep_quick_trains_each_rate_on_validation(tmp_path):
     assert table.count("| LoRA r=8 |") == 2 and table.count("**chosen**") == 1 and "| frozen | – |" in table
 
 
+@pytest.mark.lab
 def test_lr_sweep_chooses_best_mean_and_lower_rate_on_ties():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from lr_sweep import chosen
+    chosen = script("lab/lr_sweep.py").chosen
 
     scores = {("m", 0.001): {"mean": 0.5}, ("m", 0.003): {"mean": 0.6}, ("m", 0.01): {"mean": 0.6},
               ("other", 0.1): {"mean": 0.9}}

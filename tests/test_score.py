@@ -141,14 +141,14 @@ def test_fisher_is_ranx_test_with_seeded_permutations():
 def test_compare_p_values_identical_across_processes():
     """compare() in separate processes, with different numba thread counts, on runs whose p-value
     is near 0.01: identical p-values and marks (ranx's own Fisher test varies here)."""
-    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from test_score import near_threshold_runs; "
+    code = ("import json; from test_score import near_threshold_runs; "
             "from petune.score import compare, report_markdown; qrels, runs = near_threshold_runs(); "
             "r = compare(qrels, runs, metrics=['mrr@10', 'precision@1']); "
             "print(json.dumps([r.comparisons['a', 'b'][m]['p_value'] for m in r.metrics] + [report_markdown(r)]))")
     outputs = []
     for threads in ("1", "2"):
-        env = {**os.environ, "NUMBA_NUM_THREADS": threads}
-        done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True,
+        env = {**os.environ, "NUMBA_NUM_THREADS": threads, "PYTHONPATH": str(Path(__file__).parent)}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True,
                               text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))

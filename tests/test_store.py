@@ -13,16 +13,15 @@ import numpy as np
 import psutil
 import pytest
 import petune
-from conftest import tiny
+from conftest import script, tiny
 from petune.data.stream import RowIds, _arrow_files, text_batches
 from petune.score import BM25, DenseIndex, ExactStoreIndex, build_index
 from test_embed import CharTokenizer
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "multiproc"))
-from store_check import CHUNK, TEXTS  # noqa: E402
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
+CHUNK, TEXTS = script("tests/multiproc/store_check.py").CHUNK, script("tests/multiproc/store_check.py").TEXTS
+#: the check script imports the tests' helpers (conftest, test_embed) from the tests folder
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE)}
 
 
 def saved_dataset(tmp_path, n=50):

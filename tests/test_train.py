@@ -190,7 +190,7 @@ def test_dpr_loss_masks_duplicate_answers_on_a_model():
 def test_two_processes_agree(tmp_path):
     """torchrun --nproc_per_node 2: same task order, gathered losses and their gradients equal
     single-process ones, identical parameters after a two-process Trainer run."""
-    env = {**os.environ, "CHECK_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "CHECK_OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            str(ROOT / "tests" / "multiproc" / "ddp_check.py")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

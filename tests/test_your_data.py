@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 import petune
+from conftest import script
 from petune.data.beir import load_beir, read_training_file, write_beir
 from petune.data.files import DataError
 from petune.data.labelled import check_splits, read_labelled, split_labelled
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "recipes"))
 ENV_RUN = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
@@ -134,7 +134,7 @@ def test_labelled_texts_bad_input(tmp_path):
 def test_retrieval_job_on_a_beir_directory(tmp_path):
     """One command: BM25, frozen and tuned on the test split with significance marks; dev chooses
     the epoch; bad data exits 2 before anything is written."""
-    import retrieval
+    retrieval = script("recipes/retrieval.py")
 
     root = bbc_beir(tmp_path / "bbc")
     out = tmp_path / "run"
@@ -174,7 +174,7 @@ def test_retrieval_job_two_processes(tmp_path):
 
 
 def test_classification_job_on_a_labelled_csv(tmp_path):
-    import classify
+    classify = script("recipes/classify.py")
     from petune.data.packaged import bbc_news
 
     rows = [["text", "label"]] + [[a["body"][:200], a["topic"]] for a in bbc_news()[::17]]
@@ -249,7 +249,7 @@ def test_sentence_transformers_export_refuses_what_it_cannot_serve(tmp_path, min
 
 
 def test_hub_collections_that_do_not_load_exit_with_the_way_out(tmp_path):
-    import retrieval
+    retrieval = script("recipes/retrieval.py")
 
     from petune.data.beir import beir_from_hub
 

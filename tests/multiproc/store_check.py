@@ -8,13 +8,10 @@ it is launched with (python / torchrun); the store checks in tests/test_store.py
 
 import functools
 import logging
-import os
 import sys
 import time
 
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import petune  # noqa: E402
 from conftest import tiny  # noqa: E402

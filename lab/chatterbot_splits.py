@@ -1,6 +1,6 @@
 """How much of ChatterBot's score is the split: the qa module alone, frozen vs tuned, over split seeds.
 
-    python recipes/chatterbot_splits.py [--split-seeds 0 1 2 3 4] [--quick] [offline.py options]
+    python lab/chatterbot_splits.py [--split-seeds 0 1 2 3 4] [--quick] [offline.py options]
 
 ChatterBot's validation and test splits hold 75 questions each, so which questions they draw
 moves MRR@10 more than tuning does. For every --split-seed this script builds the offline recipe's
@@ -9,7 +9,7 @@ task: DPR loss, in-batch + BM25 hard negatives, --repeat qa=N passes) and scores
 the tuned model on that split's validation and test questions (all answers searched; cosine
 unless --similarity dot). Repeated random sub-sampling, not k-fold: the splits of different
 seeds overlap. Nothing here chooses a setting. Writes a table (--write, default
-recipes/CHATTERBOT_SPLITS.md) and the numbers as JSON beside it.
+lab/CHATTERBOT_SPLITS.md) and the numbers as JSON beside it.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-import offline  # noqa: E402
 import petune  # noqa: E402
-from common import cache_dir, load_model, method_options  # noqa: E402
+from petune.jobs import offline  # noqa: E402
+from petune.jobs.common import cache_dir, load_model, method_options  # noqa: E402
 from petune.score import DenseIndex, evaluate  # noqa: E402
 from petune.train import Trainer  # noqa: E402
 
@@ -96,12 +95,12 @@ def main(argv=None) -> int:
     parser.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--write", type=Path, default=HERE / "CHATTERBOT_SPLITS.md", help="the table (and .json)")
     own, rest = parser.parse_known_args(argv)
-    args = offline.parse_args(rest)
+    args = offline.parse_options(rest)
     rows = []
     for split_seed in own.split_seeds:
         rows.append(one_split(args, split_seed))
         print(json.dumps(rows[-1]), flush=True)
-    command = "python recipes/chatterbot_splits.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python lab/chatterbot_splits.py " + " ".join(sys.argv[1:] if argv is None else argv)
     own.write.write_text(table(rows, command.strip()))
     own.write.with_suffix(".json").write_text(json.dumps({"command": command.strip(), "rows": rows}, indent=1))
     print(own.write.read_text())

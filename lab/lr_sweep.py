@@ -1,14 +1,14 @@
 """The learning rate of each benchmark method, chosen on the validation split.
 
-    python benchmarks/lr_sweep.py [--rows NAME ...] [--lrs LR ...] [--seed 0]
-    python benchmarks/lr_sweep.py --quick          # a few minutes: tiny subsets (benchmarks/run.py --quick)
+    python lab/lr_sweep.py [--rows NAME ...] [--lrs LR ...] [--seed 0]
+    python lab/lr_sweep.py --quick          # a few minutes: tiny subsets (benchmarks/run.py --quick)
 
 Every tuned row of benchmarks/run.py but full fine-tuning (the reference point, kept at 5e-5)
 is trained with each learning rate of ``GRID`` (the rate it had before this sweep, a third of
 it and three times it), one seed, the benchmark's sizes and tasks, and scored on the
 **validation** split (run.py --eval-split val; test is never read).
 Each run is its own run.py process, its JSON kept in --work (lr-<lr>/), so an interrupted sweep
-resumes where it stopped. The table (benchmarks/LR_SWEEP.md unless --write) gives validation
+resumes where it stopped. The table (lab/LR_SWEEP.md unless --write) gives validation
 MRR@10 of both retrieval tasks, their mean (what chooses, ties to the lower learning rate) and
 topic kNN accuracy, with the frozen model as a reference row, and marks the choice per method;
 benchmarks/run.py ROWS takes the chosen rates.
@@ -17,6 +17,7 @@ benchmarks/run.py ROWS takes the chosen rates.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shlex
 import subprocess
@@ -24,10 +25,18 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "recipes"))
+BENCHMARK = HERE.parent / "benchmarks" / "run.py"
 
-import run as bench  # noqa: E402
+
+def _load_benchmark():
+    """benchmarks/run.py, whose rows this sweep trains (loaded from its file)."""
+    spec = importlib.util.spec_from_file_location("benchmark_run", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_benchmark()
 
 #: learning rates tried per method: the rate set before cosine similarity was the default, ÷3 and ×3
 GRID = {
@@ -64,7 +73,7 @@ def train_and_score(args, name: str, lr: float | None) -> dict:
     ``lr`` None for the frozen row (the reference, untrained)."""
     path = run_file(args, name, lr)
     if not path.exists():
-        cmd = [sys.executable, str(HERE / "run.py"), "--one", name, "--seeds", str(args.seed),
+        cmd = [sys.executable, str(BENCHMARK), "--one", name, "--seeds", str(args.seed),
                *(["--lr", str(lr)] if lr else []), "--eval-split", "val", "--work", str(path.parent)]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd + (["--quick"] if args.quick else []), check=True)
@@ -75,7 +84,7 @@ def validation_scores(args, results: dict[tuple[str, float | None], dict]) -> di
     """Validation MRR@10 per retrieval task (ranx), their mean, and topic kNN accuracy, per run."""
     from ranx import Qrels, Run, evaluate
 
-    import offline
+    from petune.jobs import offline
 
     data = bench.scored_data(bench.parse_args(["--eval-split", "val", *(["--quick"] if args.quick else [])]))
     qrels = {task: Qrels((data["news"] if task == "news" else data["chat"]).subset(
@@ -123,7 +132,7 @@ def table(args, scores) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.command = shlex.join(["python", "benchmarks/lr_sweep.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = shlex.join(["python", "lab/lr_sweep.py", *(sys.argv[1:] if argv is None else argv)])
     results = {("frozen", None): train_and_score(args, "frozen", None)}
     results.update({(name, lr): train_and_score(args, name, lr)
                     for name in args.rows for lr in (args.lrs or GRID[name])})
