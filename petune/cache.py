@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import atomic_write
+from .atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

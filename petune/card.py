@@ -61,6 +61,6 @@ def model_card(tuned: TunedModel, *, library: str = "petune", title: str | None 
 
 def write_card(path: str | os.PathLike, text: str) -> Path:
     """Write ``README.md`` into the directory ``path`` (atomically)."""
-    from .io import atomic_write
+    from .atomic import atomic_write
 
     return atomic_write(Path(path) / "README.md", lambda f: f.write(text.encode()))

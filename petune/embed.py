@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 
@@ -10,7 +11,7 @@ import torch
 
 from .cache import Cache, fingerprint, texts_fingerprint, weights_fingerprint
 from .models import encoder_config
-from .tuned import TunedModel, base_of
+from .tuned import TunedModel, base_of, is_task_list
 
 POOLINGS = ("mean", "first", "decoder")
 _TOKENIZE_SLICE = 2048  # texts per tokenizer call
@@ -223,7 +224,7 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
         texts, images = resolve_images(model, texts, images, cache_dir)
     texts = _check_args(texts, pooling, layers, layer_combine, batch_size)
     _check_quantize(model, quantize)
-    per_row = isinstance(task, (list, tuple))
+    per_row = is_task_list(task)
     if per_row:
         task = _task_per_text(task, texts)
         if not isinstance(model, TunedModel):
@@ -254,12 +255,10 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
     show = len(batches) > 10 if progress is None else progress
     out = None
     was_training = model.training
-    previous = model.active_task if isinstance(model, TunedModel) else None
+    one_task = isinstance(model, TunedModel) and task is not None and not per_row
     model.eval()
     try:
-        if isinstance(model, TunedModel) and task is not None and not per_row:
-            model.use_task(task)
-        with torch.inference_mode():
+        with model.task(task) if one_task else contextlib.nullcontext(), torch.inference_mode():
             for idx in tqdm(batches, desc="encode", unit="batch", disable=not show):
                 ids, mask = pad_ids(tokenizer, [encoded[i] for i in idx])
                 visual = image_batch([images[i] for i in idx], device) if images is not None else None
@@ -277,8 +276,6 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
                 out[idx] = vecs
     finally:
         model.train(was_training)
-        if isinstance(model, TunedModel) and task is not None and not per_row and previous is not None:
-            model.use_task(previous)
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
@@ -403,7 +400,7 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
     rows, _ = shard_indices(lengths, state.num_processes, state.process_index)
     if images is not None:
         options["images"] = [images[i] for i in rows]
-    if isinstance(options.get("task"), (list, tuple)):  # one task per text: each process takes its rows' tasks
+    if is_task_list(options.get("task")):  # one task per text: each process takes its rows' tasks
         tasks = _task_per_text(options["task"], texts)
         options["task"] = [tasks[i] for i in rows]
     local = encode(model, tokenizer, [texts[i] for i in rows],

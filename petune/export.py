@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from .card import model_card
-from .io import atomic_dir
+from .atomic import atomic_dir
 from .models import d_model
 from .tuned import TunedModel
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from .cache import texts_fingerprint
 from .data.stream import RowIds, collection_size, text_batches
-from .io import atomic_write
+from .atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +163,12 @@ class EmbeddingStore:
 
 def _store_options(model, tokenizer, options: dict) -> tuple[str, dict]:
     from .embed import _check_args, _with_defaults, encoder_key, keyed_options
+    from .tuned import is_task_list
 
     o = _with_defaults(options)
     if o["images"] is not None:
         raise ValueError("encode_to_store encodes text collections; encode images with petune.encode")
-    if isinstance(o["task"], (list, tuple)):
+    if is_task_list(o["task"]):
         raise ValueError("encode_to_store takes one task for the whole collection (task='name'), not a list")
     _check_args(["x"], o["pooling"], o["layers"], o["layer_combine"], o["batch_size"])
     return encoder_key(model, tokenizer, options), keyed_options(model, tokenizer, options)

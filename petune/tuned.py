@@ -12,6 +12,11 @@ from .models import check_encoder_decoder
 from .registry import get_method
 
 SHARED = "default"  # module name used when all tasks share one module
+def is_task_list(task) -> bool:
+    """``task`` names one task per row (a list or tuple) rather than one task for the batch."""
+    return isinstance(task, (list, tuple))
+
+
 VISUAL_PART = "visual embedding"  # the trainable part petune.vision.add_visual registers
 
 
@@ -89,7 +94,7 @@ class TunedModel(nn.Module):
         (:meth:`routed`; keyword arguments only, no cache is returned). The loss is then the token
         mean over the whole batch, as without routing.
         """
-        if isinstance(task, (list, tuple)):
+        if is_task_list(task):
             if args:
                 raise TypeError("with one task per row, pass the inputs as keyword arguments")
             kwargs["use_cache"] = False  # caches cannot be split into rows
@@ -112,7 +117,7 @@ class TunedModel(nn.Module):
         Raises:
             TypeError: ``task`` is a list (generation takes one task per call).
         """
-        if isinstance(task, (list, tuple)):
+        if is_task_list(task):
             raise TypeError("generate takes one task per call; group the rows by task, or use "
                             "tuned(..., task=[...]) / encoder_states(..., task=[...]) for one task per row")
         if task is not None:
@@ -156,7 +161,7 @@ class TunedModel(nn.Module):
                        images: dict | None = None):
         """Like :meth:`encoder_states`, but returns the encoder's ``BaseModelOutput`` (with
         per-layer ``hidden_states`` when ``output_hidden_states``) and the mask."""
-        if isinstance(task, (list, tuple)):
+        if is_task_list(task):
             return self.routed(task, lambda ids, mask, imgs: self.encoder_output(
                 ids, mask, output_hidden_states=output_hidden_states, images=imgs), input_ids, attention_mask, images)
         if task is not None:

@@ -177,7 +177,7 @@ def load_model(name_or_path: str | None):
 def write_report(output_dir: Path, markdown: str, data: dict) -> None:
     """``report.md`` and ``report.json`` in ``output_dir``, each written to a temp file and renamed;
     the markdown is printed too."""
-    from petune.io import atomic_write
+    from petune.atomic import atomic_write
 
     for name, text in (("report.md", markdown), ("report.json", json.dumps(data, indent=2))):
         atomic_write(output_dir / name, lambda f, text=text: f.write(text.encode()))

@@ -209,7 +209,7 @@ class BM25:
         import bm25s
         from bm25s.tokenization import Tokenizer
 
-        from ..io import atomic_dir
+        from ..atomic import atomic_dir
 
         if self._indexed:
             return

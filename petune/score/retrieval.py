@@ -141,7 +141,7 @@ class DenseIndex:
         import faiss
 
         from ..data.stream import RowIds
-        from ..io import atomic_dir
+        from ..atomic import atomic_dir
 
         with atomic_dir(path) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))

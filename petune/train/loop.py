@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..io import load as load_tuned
-from ..io import replace_dir
+from ..atomic import replace_dir
 from ..io import save as save_tuned
 from ..tuned import TunedModel
 from ..dist import cpu_only, process_state

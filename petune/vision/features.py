@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..cache import fingerprint, weights_fingerprint
-from ..io import atomic_write
+from ..atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
