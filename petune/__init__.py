@@ -13,7 +13,7 @@ from .export import export
 from .io import load, read_config, save
 from .store import EmbeddingStore, encode_to_store
 from .methods.base import Method
-from .registry import get_method, methods, register_method
+from .methods.registry import get_method, methods, register_method
 from .tuned import TrainableReport, TunedModel, attach
 from . import vision  # noqa: E402  (after attach: vision builds on it)
 

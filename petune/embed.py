@@ -11,9 +11,12 @@ import torch
 
 from .cache import Cache, fingerprint, texts_fingerprint, weights_fingerprint
 from .models import encoder_config
+from .regions import RegionInputs
 from .tuned import TunedModel, base_of, is_task_list
 
 POOLINGS = ("mean", "first", "decoder")
+_NEEDS_PART = ("images need a TunedModel with a part that reads them: petune.attach(model, method) (or 'none'), "
+               "then petune.vision.add_visual(tuned, ...)")
 _TOKENIZE_SLICE = 2048  # texts per tokenizer call
 
 
@@ -22,11 +25,22 @@ def _encoder_output(model, input_ids, attention_mask, output_hidden_states, imag
         return model.encoder_output(input_ids, attention_mask, output_hidden_states=output_hidden_states,
                                     images=images)
     if images is not None:
-        raise TypeError("images need a TunedModel with a visual embedding: petune.attach(model, method) "
-                        "(or 'none'), then petune.vision.add_visual(tuned, ...)")
+        raise TypeError(_NEEDS_PART)
     out = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
                               output_hidden_states=output_hidden_states, return_dict=True)
     return out, attention_mask
+
+
+def prepare_images(model, texts, images, cache_dir=None):
+    """An encode call's ``images`` through the part of ``model`` that reads them (files and PIL
+    images become features there): ``(texts, per-example region entries)``.
+
+    Raises:
+        TypeError / ValueError: a model without such a part; what the part raises.
+    """
+    if not isinstance(model, TunedModel):
+        raise TypeError(_NEEDS_PART)
+    return model.part_for("images").prepare(model, texts, images, cache_dir)
 
 
 def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -219,9 +233,7 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
     from tqdm.auto import tqdm
 
     if images is not None:
-        from .vision.inputs import resolve_images
-
-        texts, images = resolve_images(model, texts, images, cache_dir)
+        texts, images = prepare_images(model, texts, images, cache_dir)
     texts = _check_args(texts, pooling, layers, layer_combine, batch_size)
     _check_quantize(model, quantize)
     per_row = is_task_list(task)
@@ -229,11 +241,8 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
         task = _task_per_text(task, texts)
         if not isinstance(model, TunedModel):
             raise TypeError("one task per text needs a TunedModel attached with tasks=[...]")
-    n_visual = [0] * len(texts)
-    if images is not None:
-        from .vision.inputs import image_batch, num_regions
-
-        n_visual = [num_regions(x) for x in images]
+    regions = RegionInputs(images) if images is not None else None
+    n_visual = regions.counts if regions is not None else [0] * len(texts)
     limit = _max_length(model, tokenizer, max_length, max(n_visual))
     cache = Cache(cache_dir) if cache_dir is not None else None
     if cache is not None:
@@ -261,7 +270,7 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
         with model.task(task) if one_task else contextlib.nullcontext(), torch.inference_mode():
             for idx in tqdm(batches, desc="encode", unit="batch", disable=not show):
                 ids, mask = pad_ids(tokenizer, [encoded[i] for i in idx])
-                visual = image_batch([images[i] for i in idx], device) if images is not None else None
+                visual = regions.batch(idx, device) if regions is not None else None
                 ids, mask = ids.to(device), mask.to(device)
                 if per_row:
                     vecs = model.routed([task[i] for i in idx], lambda i, m, v: pool(
@@ -311,9 +320,7 @@ def keyed_options(model, tokenizer, options: dict) -> dict:
     if isinstance(model, TunedModel) and options["task"] is None:
         options["task"] = model.active_task
     if options["images"] is not None:
-        from .vision.inputs import images_digest
-
-        options["images"] = images_digest(options["images"])
+        options["images"] = RegionInputs(options["images"]).digest()
     return options
 
 
@@ -377,9 +384,7 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
     o = _with_defaults(options)
     images = o["images"]
     if images is not None:  # every process extracts the features (or reads them from the cache)
-        from .vision.inputs import resolve_images
-
-        texts, images = resolve_images(model, texts, images, cache_dir)
+        texts, images = prepare_images(model, texts, images, cache_dir)
         options = {**options, "images": images}
     texts = _check_args(texts, o["pooling"], o["layers"], o["layer_combine"], o["batch_size"])
     cached = None

@@ -116,8 +116,8 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         The directory.
 
     Raises:
-        ValueError: a method that cannot be merged (adapter, prompt), a model with a visual
-            embedding, an unknown task, ``pooling`` other than ``"mean"`` / ``"first"``, an unknown
+        ValueError: a method that cannot be merged (adapter, prompt), a model with an added part
+            (the visual embedding), an unknown task, ``pooling`` other than ``"mean"`` / ``"first"``, an unknown
             ``format``; for sentence-transformers, no tokenizer or an architecture whose encoder it
             cannot load alone (BART, mBART, LED, ...).
     """
@@ -127,9 +127,10 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if format == "sentence-transformers" and tokenizer is None:
         raise ValueError("format='sentence-transformers' needs the tokenizer: export(..., tokenizer=tok)")
-    if tuned.petune_visual is not None:
-        raise ValueError("the visual embedding (petune.vision) is not part of any transformers architecture; "
-                         "save with petune.save(tuned, path) and load with petune.load(model, path)")
+    if tuned.extra_parts:
+        labels = ", ".join(part.label for part in tuned.extra_parts.values())
+        raise ValueError(f"the {labels} is not part of any transformers architecture; save with "
+                         "petune.save(tuned, path) and load with petune.load(model, path)")
     module = tuned.module_for(task)
     plain = tuned.method.merged(tuned.model, module)
     settings = {"pooling": pooling, "prefix": prefix, "normalize": normalize, "max_length": max_length,

@@ -10,11 +10,12 @@ from torch import nn
 
 from .atomic import atomic_dir
 from .models import d_model, model_type, num_layers
+from .parts import part_class
 from .tuned import TunedModel, attach, base_of
 
 CONFIG_NAME = "petune.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: added parts under "parts" (1 had the visual embedding's options under "visual")
 
 
 def _fingerprint(base: nn.Module) -> dict:
@@ -29,8 +30,8 @@ def save(tuned: TunedModel, path: str | os.PathLike) -> Path:
 
     Files: ``model.safetensors`` (parameter names as in ``tuned.model``, original dtypes) and
     ``petune.json`` (method, resolved options, tasks, base-model fingerprint, parameter shapes, the
-    visual embedding's options if any: enough for :func:`load` to re-attach the method, and
-    re-add the visual embedding, to a fresh base model). The directory is
+    added parts' kinds, modules and options (the visual embedding's): enough for :func:`load` to
+    re-attach the method, and re-add the parts, to a fresh base model). The directory is
     built beside ``path`` and renamed into place, so an interrupted save leaves either the old
     directory or the new one, never a mix. For the library's own format use ``tuned.model``
     (``save_pretrained`` for peft, ``save_all_adapters`` for adapters).
@@ -60,8 +61,8 @@ def save(tuned: TunedModel, path: str | os.PathLike) -> Path:
         "base": _fingerprint(tuned.base_model),
         "parameters": {n: list(p.shape) for n, p in params.items()},
     }
-    if tuned.visual_options is not None:
-        config["visual"] = tuned.visual_options
+    if tuned.extra_parts:
+        config["parts"] = _parts_config(tuned)
     try:
         text = json.dumps(config, indent=2)
     except TypeError as e:
@@ -72,6 +73,12 @@ def save(tuned: TunedModel, path: str | os.PathLike) -> Path:
                   metadata={"format": "pt", "petune_method": tuned.method.name})
         (tmp / CONFIG_NAME).write_text(text)
     return path
+
+
+def _parts_config(tuned: TunedModel) -> dict:
+    """``{kind: {"module", "options"}}`` of the added parts: where each registers, and its options."""
+    return {kind: {"module": type(part).__module__, "options": part.options}
+            for kind, part in tuned.extra_parts.items()}
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -120,23 +127,22 @@ def load(model: nn.Module, path: str | os.PathLike) -> TunedModel:
     if saved_shapes != config["parameters"]:
         raise ValueError(f"{path} is inconsistent: {WEIGHTS_NAME} does not match {CONFIG_NAME}")
 
+    saved_parts = config.get("parts") or {}
+    if config.get("visual") is not None:  # format 1
+        saved_parts = {"visual": {"module": "petune.vision", "options": config["visual"]}}
     if isinstance(model, TunedModel):
         got = {"method": model.method.name, "options": model.method.options, "tasks": model.tasks,
-               "shared": model.shared, "visual": model.visual_options}
-        want = {k: config.get(k) for k in got}
+               "shared": model.shared, "parts": {k: e["options"] for k, e in _parts_config(model).items()}}
+        want = {**{k: config.get(k) for k in got if k != "parts"},
+                "parts": {k: e["options"] for k, e in saved_parts.items()}}
         if json.loads(json.dumps(got)) != want:
             raise ValueError(f"{path} holds parameters for {want}, but the model has {got}; "
                              "load it into a fresh base model instead")
         tuned = model
     else:
         tuned = attach(model, config["method"], tasks=config["tasks"], shared=config["shared"], **config["options"])
-        if config.get("visual") is not None:
-            from .vision import add_visual
-
-            visual = dict(config["visual"])
-            backbone = visual.pop("backbone")  # a name only: the extractor is loaded when images need it
-            add_visual(tuned, **visual)
-            tuned.visual_options["backbone"] = backbone
+        for kind, entry in saved_parts.items():  # each part's own module rebuilds it from its options
+            part_class(kind, entry["module"]).from_options(tuned, **entry["options"])
     params = tuned.tuned_parameters()
     shapes = {n: list(p.shape) for n, p in params.items()}
     if shapes != saved_shapes:

@@ -9,15 +9,13 @@ import torch
 from torch import nn
 
 from .models import check_encoder_decoder
-from .registry import get_method
+from .parts import SHARED, Part
+from .methods.registry import get_method
 
-SHARED = "default"  # module name used when all tasks share one module
+
 def is_task_list(task) -> bool:
     """``task`` names one task per row (a list or tuple) rather than one task for the batch."""
     return isinstance(task, (list, tuple))
-
-
-VISUAL_PART = "visual embedding"  # the trainable part petune.vision.add_visual registers
 
 
 @dataclass
@@ -77,8 +75,7 @@ class TunedModel(nn.Module):
         self._tuned_list = [p for params in tuned.values() for p in params.values()]
         self.active_task = None
         self._active_module = None
-        self.petune_visual = None  # nn.ModuleDict {module: VisualEmbedding}, set by petune.vision.add_visual
-        self.visual_options = None
+        self.extra_parts: dict[str, Part] = {}  # kind → part (petune.parts), added by add_part
         self._parts = {}  # {part name: {module: {name relative to self: Parameter}}}
 
     # -- forward ---------------------------------------------------------------------------
@@ -142,7 +139,7 @@ class TunedModel(nn.Module):
             task: switch to this task first (multi-task models); or a list, one task per row:
                 each row through its own task's module (:meth:`routed`), rows in input order.
             images: visual input ``{"features": [batch, regions, feat_dim], "boxes": [batch,
-                regions, 4], "mask": [batch, regions]}`` (from :func:`petune.vision.image_batch`);
+                regions, 4], "mask": [batch, regions]}`` (from :func:`petune.regions.image_batch`);
                 needs :func:`petune.vision.add_visual`. Each row's visual tokens follow its text.
 
         Returns:
@@ -166,33 +163,27 @@ class TunedModel(nn.Module):
                 ids, mask, output_hidden_states=output_hidden_states, images=imgs), input_ids, attention_mask, images)
         if task is not None:
             self.use_task(task)
-        if images is None:
-            return self.method.encoder_output(self.model, input_ids, attention_mask, output_hidden_states)
-        return self.method.encoder_output(self.model, input_ids, attention_mask, output_hidden_states,
-                                          visual=self.visual_tokens(images))
+        extra = None if images is None else self.part_tokens("images", images)
+        return self.method.encoder_output(self.model, input_ids, attention_mask, output_hidden_states, extra=extra)
 
-    def visual_tokens(self, images: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The active task's visual embedding of ``images``: ``([batch, regions, d_model], [batch, regions])``.
+    def part_for(self, input_key: str) -> Part:
+        """The added part that reads ``input_key`` (``"images"``: the visual embedding).
 
         Raises:
-            ValueError: the model has no visual embedding (call :func:`petune.vision.add_visual`).
+            ValueError: no part reads it (says how to add one).
         """
-        if self.petune_visual is None:
-            raise ValueError("this model has no visual embedding; add one first: "
-                             "petune.vision.add_visual(tuned, feat_dim=...)")
-        embedding = self.petune_visual[self.visual_module(self.active_task)]
-        features, mask = images["features"], images["mask"]
-        if not mask.any():  # a batch without any image: its placeholder features have no size to check
-            features = features.new_zeros(*features.shape[:2], embedding.feat_dim)
-        return embedding(features, images["boxes"], images.get("order")), mask
+        for part in self.extra_parts.values():
+            if part.input_key == input_key:
+                return part
+        raise ValueError(f"{input_key} need a part that reads them (for images: a visual embedding, "
+                         "petune.vision.add_visual(tuned, ...)); this model has "
+                         f"{[p.label for p in self.extra_parts.values()] or 'none'}")
 
-    def visual_module(self, task: str | None) -> str:
-        """The key of ``task``'s visual embedding (``"default"`` when shared)."""
-        if not self.visual_options["per_task"]:
-            return SHARED
-        if task is None:
-            raise ValueError(f"this model has one visual embedding per task; name one of {self.tasks}")
-        return task
+    def part_tokens(self, input_key: str, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active task's tokens of ``inputs`` from the part reading ``input_key``:
+        ``([batch, tokens, d_model], [batch, tokens])``."""
+        part = self.part_for(input_key)
+        return part.tokens(part.key(self.active_task), inputs)
 
     @property
     def base_model(self) -> nn.Module:
@@ -281,9 +272,9 @@ class TunedModel(nn.Module):
         inputs = take_rows((args, kwargs), index, batch)
         previous = self.active_task
         row_modules = [m for m, n in groups for _ in range(n)]
-        per_task_visual = self.petune_visual is not None and self.visual_options["per_task"]
-        try:  # one visual embedding per task: the rows' visual tokens come from different modules, so split
-            native = None if per_task_visual else self.method.route(self.model, row_modules)
+        per_task_part = any(part.per_task for part in self.extra_parts.values())
+        try:  # a part per task: the rows' extra tokens come from different modules, so split
+            native = None if per_task_part else self.method.route(self.model, row_modules)
             if native is not None:
                 with native:
                     out = fn(*inputs[0], **inputs[1])
@@ -305,8 +296,8 @@ class TunedModel(nn.Module):
     # -- parameters ------------------------------------------------------------------------
     def tuned_parameters(self, module: str | None = None) -> dict[str, nn.Parameter]:
         """``{name: parameter}`` of everything trained: the method's (names relative to ``.model``)
-        and added parts such as the visual embedding (names starting ``petune_visual.``); all
-        modules, or one."""
+        and added parts' (names starting ``petune_<kind>.``, e.g. the visual embedding's
+        ``petune_visual.``); all modules, or one."""
         groups = [self._tuned, *self._parts.values()]
         if module is not None:
             return {n: p for g in groups for n, p in g.get(module, {}).items()}
@@ -315,15 +306,28 @@ class TunedModel(nn.Module):
     def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
         """The parameters ``task`` trains (all shared ones when ``shared``)."""
         params = dict(self._tuned[self.module_for(task)])
-        if self.petune_visual is not None:
-            params.update(self._parts[VISUAL_PART][self.visual_module(task)])
+        for part in self.extra_parts.values():
+            params.update(self._parts[part.label][part.key(task)])
         return params
 
-    def add_part(self, name: str, params: dict[str, dict[str, nn.Parameter]]) -> None:
-        """Register trainable parameters beside the method's (``{module: {name: parameter}}``,
-        names relative to this model): trained, counted in :meth:`trainable_report` under
-        ``name``, saved by :func:`petune.save`."""
-        self._parts[name] = params
+    def add_part(self, part: Part) -> None:
+        """Add a trainable part beside the method (:mod:`petune.parts`): it becomes the submodule
+        ``petune_<kind>`` (on the base model's device), trains with the method, has its row in
+        :meth:`trainable_report`, and is saved and re-added by :func:`petune.save` / :func:`petune.load`.
+
+        Raises:
+            ValueError: the model has a part of that kind already, or a per-task part on a model
+                without tasks.
+        """
+        if part.kind in self.extra_parts:
+            raise ValueError(f"this model already has a {part.label}")
+        if part.per_task and set(part) != set(self.tasks or []):
+            raise ValueError(f"a per-task {part.label} needs one module per task of the model ({self.tasks})")
+        part.to(next(self.base_model.parameters()).device)
+        setattr(self, f"petune_{part.kind}", part)
+        self.extra_parts[part.kind] = part
+        params = {m: {f"petune_{part.kind}.{m}.{n}": p for n, p in part[m].named_parameters()} for m in part}
+        self._parts[part.label] = params
         new = [p for ps in params.values() for p in ps.values()]
         for p in new:
             p.requires_grad_(True)

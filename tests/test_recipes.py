@@ -145,7 +145,7 @@ def test_viquae_recipe_with_images_on_fixture(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["scores"]) == {"BM25", "frozen (text only)", "lora + images"} and report["images"]
     assert report["trainable"]["parts"]["visual embedding"] > 0
-    assert petune_config(out / "tuned")["visual"]["backbone"] == "efficientnet-lite0"
+    assert petune_config(out / "tuned")["parts"]["visual"]["options"]["backbone"] == "efficientnet-lite0"
     assert len(list((out / "cache" / "image-features").rglob("*.safetensors"))) == len(ENTITIES)
     # a missing image: exit 2 naming it, nothing trained
     (paths["images"] / "512px-entity_3.png").unlink()
@@ -464,7 +464,7 @@ def test_vision_recipe_quick(vision_run):
     assert set(report["results"]["knn"]) == {"probe", "visual + lora"}
     assert "Fisher" in (vision_run / "report.md").read_text()
     config = petune.read_config(vision_run / "lora" / "tuned")
-    assert config["visual"]["backbone"] == "efficientnet-lite0" and config["method"] == "lora"
+    assert config["parts"]["visual"]["options"]["backbone"] == "efficientnet-lite0" and config["method"] == "lora"
 
 
 def test_vision_recipe_tuxpaint_missing_exits_with_instructions(tmp_path):

@@ -80,8 +80,8 @@ def test_save_load_bit_identical_with_visual(method, tmp_path):
     ids, mask = text_batch()
     images = image_batch([feats(0), feats(1, 9, FEAT), None])
     path = petune.save(tuned, tmp_path / "saved")
-    assert petune.read_config(path)["visual"] == {"feat_dim": FEAT, "backbone": None, "grid": True,
-                                                   "per_task": False, "n_images": 1}
+    assert petune.read_config(path)["parts"]["visual"] == {"module": "petune.vision.embedding", "options": {
+        "feat_dim": FEAT, "backbone": None, "grid": True, "per_task": False, "n_images": 1}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = petune.load(tiny_seq2seq("bart"), path).eval()
@@ -335,7 +335,7 @@ def test_encode_takes_image_paths_with_the_recorded_backbone(emoji, tmp_path):
     from_feats = petune.encode(tuned, CharTokenizer(), None, images=list(extract_features(paths)), prefix="image: ")
     np.testing.assert_allclose(from_paths, from_feats, atol=1e-6)
     path = petune.save(tuned, tmp_path / "s")
-    assert petune.read_config(path)["visual"]["backbone"] == "efficientnet-lite0"
+    assert petune.read_config(path)["parts"]["visual"]["options"]["backbone"] == "efficientnet-lite0"
 
 
 def test_hugging_face_vision_backbone(tmp_path):
@@ -352,3 +352,21 @@ def test_hugging_face_vision_backbone(tmp_path):
     assert grid.shape == (2, 16, 32) and pooled.shape == (2, 32)  # 4x4 patches, the CLS token dropped
     assert extractor.feat_dim == 32 and not np.allclose(pooled[0], pooled[1])
     assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+
+
+def test_a_format_1_save_with_a_visual_embedding_still_loads(tmp_path):
+    """Saves written before parts were generic (petune.json format 1: the visual embedding's
+    options under "visual") load into a fresh model and into a tuned one alike."""
+    import json
+
+    tuned = petune.attach(tiny_seq2seq("bart"), "lora")
+    add_visual(tuned, FEAT)
+    path = petune.save(tuned, tmp_path / "new")
+    config = json.loads((path / "petune.json").read_text())
+    config["format_version"], config["visual"] = 1, config.pop("parts")["visual"]["options"]
+    (path / "petune.json").write_text(json.dumps(config))
+    loaded = petune.load(tiny_seq2seq("bart"), path)
+    assert set(loaded.extra_parts) == {"visual"} and loaded.petune_visual["default"].feat_dim == FEAT
+    again = petune.attach(tiny_seq2seq("bart"), "lora")
+    add_visual(again, FEAT)
+    petune.load(again, path)  # the same method, options and parts: accepted

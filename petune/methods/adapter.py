@@ -9,7 +9,7 @@ import warnings
 from collections import Counter
 
 from ..models import ADAPTERS_SUPPORTED, d_model, find_layout, model_type
-from ..registry import register_method
+from .registry import register_method
 from .base import Method, module_after
 from .bottleneck import CONTAINER, BottleneckHooks
 

@@ -85,12 +85,13 @@ class Method:
         return 0
 
     def encoder_output(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       output_hidden_states: bool = False, visual=None):
+                       output_hidden_states: bool = False, extra=None):
         """Encoder output for a batch and the mask that goes with it.
 
         Args:
-            visual: ``None``, or ``(embeds [batch, regions, d_model], mask [batch, regions])``:
-                visual tokens that follow each row's text (see :func:`join_tokens`).
+            extra: ``None``, or ``(embeds [batch, tokens, d_model], mask [batch, tokens])``: an
+                added part's tokens (e.g. the visual embedding's) that follow each row's text
+                (see :func:`join_tokens`).
 
         Returns:
             ``(output, mask)``: a transformers ``BaseModelOutput`` (``last_hidden_state``
@@ -98,11 +99,11 @@ class Method:
         """
         base = self.base_model(model)
         encoder = base.get_encoder()
-        if visual is None:
+        if extra is None:
             out = encoder(input_ids=input_ids, attention_mask=attention_mask,
                           output_hidden_states=output_hidden_states, return_dict=True)
             return out, attention_mask
-        embeds, mask = join_tokens(input_embeddings(base, input_ids), attention_mask, *visual)
+        embeds, mask = join_tokens(input_embeddings(base, input_ids), attention_mask, *extra)
         out = encoder(input_ids=None, inputs_embeds=embeds, attention_mask=mask,
                       output_hidden_states=output_hidden_states, return_dict=True)
         return out, mask
@@ -113,8 +114,8 @@ def join_tokens(embeds: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor, e
 
     Args:
         embeds, mask: ``[batch, seq, d]`` and ``[batch, seq]`` (text, right-padded).
-        extra, extra_mask: ``[batch, regions, d]`` and ``[batch, regions]`` (visual tokens; a row
-            without an image has an all-zero mask).
+        extra, extra_mask: ``[batch, tokens, d]`` and ``[batch, tokens]`` (a part's tokens, e.g.
+            visual ones; a row without any has an all-zero mask).
 
     Returns:
         ``([batch, seq', d], [batch, seq'])`` with ``seq' ≤ seq + regions`` (trailing all-padding

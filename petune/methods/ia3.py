@@ -4,7 +4,7 @@ In-Context Learning"), from peft."""
 from __future__ import annotations
 
 from ..models import default_targets
-from ..registry import register_method
+from .registry import register_method
 from ._peft import PeftMethod, module_list
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..models import default_targets
-from ..registry import register_method
+from .registry import register_method
 from ._peft import PeftMethod, module_list, positive_int
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..registry import register_method
+from .registry import register_method
 from .base import Method
 
 

@@ -9,7 +9,7 @@ import os
 import torch
 
 from ..models import d_model, num_heads, num_layers
-from ..registry import register_method
+from .registry import register_method
 from ._peft import PeftMethod, positive_int
 from .base import join_tokens
 
@@ -91,19 +91,19 @@ class PromptTuning(PeftMethod):
                for m in dict.fromkeys(self._row_modules)}
         return torch.cat([own[m] for m in self._row_modules])
 
-    def encoder_output(self, model, input_ids, attention_mask, output_hidden_states=False, visual=None):
+    def encoder_output(self, model, input_ids, attention_mask, output_hidden_states=False, extra=None):
         """Encoder output with the prompt, as peft's forward builds it.
 
         Returns:
             ``(output, mask)``: states ``[batch, n_virtual + seq, d_model]`` and mask
             ``[batch, n_virtual + seq]``; the virtual tokens come first and the mask covers them.
-            Visual tokens (``visual``, see :meth:`petune.Method.encoder_output`) follow each
+            A part's tokens (``extra``, see :meth:`petune.Method.encoder_output`) follow each
             row's text: prompt, text, image.
         """
         batch = input_ids.shape[0]
         embeds = model.word_embeddings(input_ids)
-        if visual is not None:
-            embeds, attention_mask = join_tokens(embeds, attention_mask, *visual)
+        if extra is not None:
+            embeds, attention_mask = join_tokens(embeds, attention_mask, *extra)
         prompts = self._prompts(model, batch, embeds.device).to(embeds.dtype)
         n_virtual = model.active_peft_config.num_virtual_tokens
         embeds = torch.cat([prompts[:, :n_virtual], embeds], dim=1)

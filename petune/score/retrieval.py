@@ -59,6 +59,14 @@ def _numba_casts_quiet():
         yield
 
 
+def _metric(metric: str):
+    import faiss
+
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+    return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+
+
 def _clamp_k(k: int, n: int) -> int:
     if k > n:
         warnings.warn(f"k={k} is larger than the collection ({n} documents); returning all of them", stacklevel=3)
@@ -83,8 +91,6 @@ class DenseIndex:
 
     def __init__(self, embeddings, ids, factory: str = "Flat", metric: str = "ip"):
         import faiss
-
-        from .store_index import _metric
 
         x = check_embeddings(embeddings, "document embeddings")
         self.ids = _check_ids(ids, len(x), "document ids")

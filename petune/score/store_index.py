@@ -15,15 +15,9 @@ import logging
 
 import numpy as np
 
+from .retrieval import DenseIndex, _check_ids, _clamp_k, _metric, check_embeddings
+
 log = logging.getLogger(__name__)
-
-
-def _metric(metric: str):
-    import faiss
-
-    if metric not in ("ip", "l2"):
-        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-    return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
 
 
 def _to_run(scores, rows, query_ids, ids, metric: str):
@@ -98,8 +92,6 @@ class ExactStoreIndex:
         Raises:
             ValueError: query dimension differs from the store, NaN / inf, ids that do not match.
         """
-        from .retrieval import _check_ids, _clamp_k, check_embeddings
-
         q = check_embeddings(queries, "query embeddings", dim=self.dim)
         query_ids = _check_ids(query_ids, len(q), "query ids")
         k = _clamp_k(k, len(self))
@@ -166,7 +158,6 @@ def build_index(store, factory: str = "Flat", metric: str = "ip", train_size: in
     from tqdm.auto import tqdm
 
     from ..store import EmbeddingStore
-    from .retrieval import DenseIndex
 
     store = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
     if factory == "Flat":

@@ -21,7 +21,7 @@ def _tokenize(tokenizer, texts, max_length, examples=None, image_key=None):
     batch = dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
                            return_token_type_ids=False))
     if image_key is not None and any(image_key in e for e in examples):
-        from ..vision.inputs import image_batch
+        from ..regions import image_batch
 
         batch["images"] = image_batch([e.get(image_key) for e in examples])
     return batch

@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 from ..models import d_model, model_type
-from ..tuned import SHARED, VISUAL_PART, TunedModel
+from ..parts import SHARED, Part, register_part
+from ..tuned import TunedModel
+
+VISUAL_PART = "visual embedding"  # its row in the trainable report
 
 #: encoders whose ``inputs_embeds`` path is not position-correct in transformers 4.57 (FSMT makes
 #: position ids from the embedding values), so visual tokens cannot be joined to their input
@@ -65,6 +68,45 @@ class VisualEmbedding(nn.Module):
         return x
 
 
+@register_part("visual")
+class VisualPart(Part):
+    """The visual embedding as a part of a tuned model (:mod:`petune.parts`): one
+    :class:`VisualEmbedding` shared by the tasks or one per task, reading the ``images`` a batch
+    passes (:func:`petune.regions.image_batch`). Options: ``feat_dim``, ``backbone`` (a name, or
+    ``None``), ``grid``, ``per_task``, ``n_images``."""
+
+    label = VISUAL_PART
+    input_key = "images"
+
+    def tokens(self, key, images):
+        """``images`` → ``([batch, regions, d_model], [batch, regions])`` through module ``key``."""
+        embedding = self[key]
+        features, mask = images["features"], images["mask"]
+        if not mask.any():  # a batch without any image: its placeholder features have no size to check
+            features = features.new_zeros(*features.shape[:2], embedding.feat_dim)
+        return embedding(features, images["boxes"], images.get("order")), mask
+
+    def prepare(self, tuned, texts, values, cache_dir=None):
+        """Images given as files or PIL images become features from the recorded backbone."""
+        from .inputs import resolve_images
+
+        return resolve_images(self, texts, values, cache_dir)
+
+    @classmethod
+    def from_options(cls, tuned, feat_dim, backbone=None, grid=False, per_task=False, n_images=1) -> "VisualPart":
+        part = _visual_part(tuned, feat_dim, per_task, n_images, {"feat_dim": feat_dim, "backbone": backbone,
+                                                                 "grid": bool(grid), "per_task": per_task,
+                                                                 "n_images": n_images})
+        tuned.add_part(part)
+        return part
+
+
+def _visual_part(tuned, feat_dim, per_task, n_images, options) -> VisualPart:
+    modules = list(tuned.tasks) if per_task else [SHARED]
+    return VisualPart({m: VisualEmbedding(feat_dim, d_model(tuned.base_model), n_images) for m in modules},
+                      per_task, options)
+
+
 def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None, grid: bool = False,
                per_task: bool = False, n_images: int = 1) -> TunedModel:
     """Give a tuned model a trainable visual embedding, so that it reads images beside text.
@@ -96,7 +138,7 @@ def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None,
     if not isinstance(tuned, TunedModel):
         raise TypeError("add_visual takes the TunedModel from petune.attach; for the frozen base with only "
                         "a visual embedding, attach the 'none' method first: petune.attach(model, 'none')")
-    if tuned.petune_visual is not None:
+    if "visual" in tuned.extra_parts:
         raise ValueError("this model already has a visual embedding")
     kind = model_type(tuned.base_model)
     if kind in NO_INPUTS_EMBEDS:
@@ -116,12 +158,5 @@ def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None,
         raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
     if per_task and tuned.tasks is None:
         raise ValueError("per_task=True needs a model attached with tasks=[...]")
-    modules = list(tuned.tasks) if per_task else [SHARED]
-    device = next(tuned.base_model.parameters()).device
-    tuned.petune_visual = nn.ModuleDict(
-        {m: VisualEmbedding(feat_dim, d_model(tuned.base_model), n_images) for m in modules}).to(device)
-    tuned.visual_options = {"feat_dim": feat_dim, "backbone": name, "grid": bool(grid), "per_task": per_task,
-                            "n_images": n_images}
-    tuned.add_part(VISUAL_PART, {m: {f"petune_visual.{m}.{n}": p for n, p in tuned.petune_visual[m].named_parameters()}
-                          for m in modules})
+    VisualPart.from_options(tuned, feat_dim, backbone=name, grid=grid, per_task=per_task, n_images=n_images)
     return tuned

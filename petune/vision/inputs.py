@@ -1,118 +1,23 @@
-"""Per-example image features → the padded visual input of one batch."""
+"""Images given to :func:`petune.encode` as files or PIL images: their features, from the backbone
+the model's visual embedding records. (How region features are padded into a batch is core:
+:mod:`petune.regions`, re-exported here.)"""
 
 from __future__ import annotations
 
-import math
 import os
 
-import numpy as np
-import torch
+from ..regions import grid_boxes, image_batch, images_digest, images_of, num_regions, regions  # noqa: F401
 
 
-def grid_boxes(cells: int) -> np.ndarray:
-    """Boxes ``[cells, 4]`` (x1, y1, x2, y2 as fractions) of a square ``k × k`` grid, row-major.
-
-    Raises:
-        ValueError: ``cells`` is not a square number.
-    """
-    k = math.isqrt(cells)
-    if k * k != cells:
-        raise ValueError(f"grid features need a square number of cells (k x k), got {cells}; pass regions "
-                         "as {'features': [n, feat_dim], 'boxes': [n, 4]} instead")
-    i, j = np.divmod(np.arange(cells), k)
-    return np.stack([j / k, i / k, (j + 1) / k, (i + 1) / k], axis=1).astype(np.float32)
-
-
-WHOLE_IMAGE = np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32)
-
-
-def regions(image) -> tuple[np.ndarray, np.ndarray]:
-    """One image's features as ``(features [regions, feat_dim], boxes [regions, 4])``.
-
-    ``image`` is pooled features ``[feat_dim]`` (one region: the whole image), grid features
-    ``[k·k, feat_dim]`` (one region per cell), or ``{"features": [n, feat_dim], "boxes": [n, 4]}``
-    (detector regions, boxes as fractions of the image).
-
-    Raises:
-        ValueError: another shape, or boxes that do not match the features.
-    """
-    if isinstance(image, dict):
-        feats = np.asarray(image["features"], dtype=np.float32)
-        boxes = np.asarray(image["boxes"], dtype=np.float32)
-        if feats.ndim != 2 or boxes.shape != (feats.shape[0], 4):
-            raise ValueError(f"regions need features [n, feat_dim] and boxes [n, 4], got {feats.shape} and "
-                             f"{boxes.shape}")
-        return feats, boxes
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    feats = np.asarray(image, dtype=np.float32)
-    if feats.ndim == 1:
-        return feats[None], WHOLE_IMAGE
-    if feats.ndim == 2:
-        return feats, grid_boxes(feats.shape[0])
-    raise ValueError(f"image features must be [feat_dim] (pooled) or [cells, feat_dim] (grid), got shape "
-                     f"{feats.shape}; images themselves go through petune.vision.extract_features first")
-
-
-def images_of(entry) -> list:
-    """One example's image entry as a list of images (``None``: none; a list: several)."""
-    if entry is None:
-        return []
-    return list(entry) if isinstance(entry, (list, tuple)) else [entry]
-
-
-def image_batch(images, device=None) -> dict[str, torch.Tensor]:
-    """The visual input of a batch, as :meth:`petune.TunedModel.encoder_states` takes it.
-
-    Args:
-        images: one entry per example: ``None`` (text only), one image's features (see
-            :func:`regions`), or a list of them (several images; their tokens get image-order ids).
-        device: where to put the tensors.
-
-    Returns:
-        ``{"features": [batch, R, feat_dim] float32, "boxes": [batch, R, 4], "mask": [batch, R]
-        long, "order": [batch, R] long}``, ``R`` the most regions of any example (at least 1;
-        examples without an image have an all-zero mask row).
-
-    Raises:
-        ValueError: features of different sizes in one batch, or a bad shape.
-    """
-    rows = [[regions(p) for p in images_of(item)] for item in images]
-    dims = {f.shape[1] for per in rows for f, _ in per}
-    if len(dims) > 1:
-        raise ValueError(f"image features of different sizes in one batch: {sorted(dims)}")
-    dim = dims.pop() if dims else 1
-    width = max([sum(f.shape[0] for f, _ in per) for per in rows] + [1])
-    feats = np.zeros((len(rows), width, dim), dtype=np.float32)
-    boxes = np.zeros((len(rows), width, 4), dtype=np.float32)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    order = np.zeros((len(rows), width), dtype=np.int64)
-    for i, per in enumerate(rows):
-        at = 0
-        for k, (f, b) in enumerate(per):
-            feats[i, at:at + len(f)], boxes[i, at:at + len(f)] = f, b
-            mask[i, at:at + len(f)], order[i, at:at + len(f)] = 1, k
-            at += len(f)
-    out = {"features": torch.from_numpy(feats), "boxes": torch.from_numpy(boxes), "mask": torch.from_numpy(mask),
-           "order": torch.from_numpy(order)}
-    return {k: v.to(device) for k, v in out.items()} if device is not None else out
-
-
-def num_regions(image) -> int:
-    """How many visual tokens one example's image entry gives (0 for ``None``)."""
-    return sum(regions(p)[0].shape[0] for p in images_of(image))
-
-
-def resolve_images(model, texts, images, cache_dir=None):
+def resolve_images(part, texts, images, cache_dir=None):
     """:func:`petune.encode`'s ``images``: checked against ``texts`` (``None`` texts: image only),
-    images (paths / PIL) turned into features with the backbone the model's visual embedding was
+    images (paths / PIL) turned into features with the backbone the visual embedding ``part`` was
     set up for (cached in ``cache_dir`` when given). Returns ``(texts, images)``.
 
     Raises:
-        TypeError / ValueError: not one entry per text; a model without a visual embedding; images
-            for a visual embedding that records no backbone.
+        TypeError / ValueError: not one entry per text; images for a visual embedding that records
+            no backbone.
     """
-    from ..tuned import TunedModel
     from .features import extract_features
 
     if isinstance(images, (str, bytes)) or not hasattr(images, "__len__"):
@@ -122,11 +27,9 @@ def resolve_images(model, texts, images, cache_dir=None):
         texts = [""] * len(images)
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images for {len(texts)} texts: give one entry per text (None for none)")
-    if not isinstance(model, TunedModel) or model.petune_visual is None:
-        raise ValueError("images need a model with a visual embedding: petune.vision.add_visual(tuned, ...)")
     raw = [i for i, x in enumerate(images) if x is not None and _is_image(x)]
     if raw:
-        options = model.visual_options
+        options = part.options
         if options["backbone"] is None:
             raise ValueError("this model's visual embedding records no backbone, so images must be given as "
                              "features (petune.vision.extract_features), or add_visual(..., backbone=...)")
@@ -143,17 +46,7 @@ def _is_image(x) -> bool:
     return type(x).__module__.startswith("PIL.")
 
 
-def images_digest(images) -> str:
-    """Digest of one encode call's image entries (features and boxes), for the embeddings cache."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for item in images:
-        parts = images_of(item)
-        h.update(len(parts).to_bytes(4, "little"))
-        for p in parts:
-            f, b = regions(p)
-            h.update(str(f.shape).encode())
-            h.update(f.tobytes())
-            h.update(b.tobytes())
-    return h.hexdigest()[:24]
+def _is_image(x) -> bool:
+    if isinstance(x, (str, os.PathLike)):
+        return True
+    return type(x).__module__.startswith("PIL.")

@@ -21,7 +21,7 @@ def register_method(name: str) -> Callable:
         ValueError: ``name`` is empty or already registered.
         TypeError: the decorated object is neither a Method subclass nor a function.
     """
-    from .methods.base import FunctionMethod, Method
+    from .base import FunctionMethod, Method
 
     if not isinstance(name, str) or not name:
         raise ValueError("register_method needs a non-empty method name, e.g. @register_method('bitfit')")
