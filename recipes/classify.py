@@ -23,9 +23,8 @@ import logging
 import random
 import sys
 import time
-from pathlib import Path
 
-from petune.jobs.common import (DEFAULT_LR, RunMismatch, add_method_args, add_run_args, cache_dir, load_model,
+from petune.jobs.common import (DEFAULT_LR, JobError, add_method_args, add_run_args, cache_dir, job_main, load_model,
                                 method_options, start_run, write_model_card, write_report)
 
 log = logging.getLogger("classify")
@@ -84,33 +83,21 @@ def pairs(train, seed: int) -> list[dict]:
     return out
 
 
-def main(argv=None):
+@job_main(parse_args)
+def main(job):
     import petune
     from petune.data.files import DataError
-    from petune.dist import process_state
     from petune.embed import encode_sharded
     from petune.models import d_model
     from petune.score import knn_scores
     from petune.train import (ClassificationCollator, ClassificationLoss, PairCollator, PairLoss, Task,
                               Trainer)
 
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    state = process_state()
-    started = time.time()
-    out_dir = Path(args.output_dir)
-    try:
-        train, test = load_splits(args)  # before anything is written in the output dir
-        if args.k > len(train):
-            raise DataError("train", 0, f"--k {args.k} is more than the {len(train)} training rows", "lower --k")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        resume_from = start_run(args, out_dir, [out_dir / "checkpoints"], state)
-    except RunMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args, state, out_dir, started, _ = job
+    train, test = load_splits(args)  # before anything is written in the output dir
+    if args.k > len(train):
+        raise DataError("train", 0, f"--k {args.k} is more than the {len(train)} training rows", "lower --k")
+    resume_from = start_run(args, out_dir, [out_dir / "checkpoints"], state)
     import torch
 
     cache = cache_dir(args)
@@ -132,8 +119,7 @@ def main(argv=None):
     else:
         examples = pairs(train, args.seed)
         if not examples:
-            print("error: the contrastive loss needs labels with two or more training texts", file=sys.stderr)
-            return 2
+            raise JobError("the contrastive loss needs labels with two or more training texts")
         collate, loss = PairCollator(tokenizer, max_length=args.max_length), PairLoss()
     task = Task("classify", examples, collate, loss, batch_size=min(args.batch_size, len(examples)),
                 drop_last=args.loss == "contrastive")
@@ -142,7 +128,7 @@ def main(argv=None):
     result = scores(tuned, False)
     if state.is_main_process:
         petune.save(tuned, out_dir / "tuned")
-        command = "recipes/classify.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = job.command
         summary = {"command": command, "method": args.method, "options": method_options(args), "loss": args.loss,
                    "lr": args.lr, "epochs": args.epochs, "processes": state.num_processes, "k": args.k,
                    "trainable": tuned.trainable_report().as_dict(), "labels": labels,

@@ -32,32 +32,23 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from petune.dist import process_state  # noqa: E402
-from petune.jobs.common import RunMismatch, cache_dir, load_model, method_options, start_run, write_report  # noqa: E402
+from petune.jobs.common import cache_dir, job_main, load_model, method_options, start_run, write_report  # noqa: E402
 from petune.jobs.offline import TASKS, build_data, build_tasks, evaluate_model, parse_options, score  # noqa: E402
 from petune.train import Trainer  # noqa: E402
 
 log = logging.getLogger("offline")
 
 
-def main(argv=None):
-    args = parse_options(argv, description=__doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    state = process_state()
-    started = time.time()
-    out_dir = Path(args.output_dir)
-    try:
-        resume_from = start_run(args, out_dir, [out_dir / "checkpoints"], state)
-    except RunMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+@job_main(lambda argv: parse_options(argv, description=__doc__))
+def main(job):
+    args, state, out_dir, started, _ = job
+    resume_from = start_run(args, out_dir, [out_dir / "checkpoints"], state)
     cache = cache_dir(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
@@ -99,7 +90,7 @@ def main(argv=None):
         report = tuned.trainable_report()
         losses = {t: [loss for _, task, loss in history["loss"] if task == t] for t in TASKS}
         summary = {
-            "command": "recipes/offline.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": job.command,
             "method": args.method, "options": options, "tasks_mode": args.tasks_mode, "lr": args.lr,
             "epochs": args.epochs, "repeat": args.repeat, "hard_negatives": args.hard_negatives,
             "batch_size": args.batch_size, "seed": args.seed, "split_seed": args.split_seed,

@@ -32,8 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-from petune.jobs.common import (DEFAULT_LR, RunMismatch, add_index_args, add_method_args, add_run_args, cache_dir,
-                                dense_run, load_model, method_options, start_run, write_model_card, write_report)
+from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_run_args, cache_dir,
+                                dense_run, job_main, load_model, method_options, start_run, write_model_card,
+                                write_report)
 
 log = logging.getLogger("retrieval")
 METRICS = ["mrr@10", "ndcg@10", "recall@100"]
@@ -188,35 +189,21 @@ def dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state):
     return evaluate_dev
 
 
-def main(argv=None):
+@job_main(parse_args)
+def main(job):
     import petune
-    from petune.data.files import DataError
-    from petune.dist import process_state
     from petune.score import BM25, compare, p_values, report_markdown
     from petune.train import DPRLoss, RetrievalCollator, Task, Trainer
 
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    state = process_state()
-    started = time.time()
-    out_dir = Path(args.output_dir)
-    try:
-        data, extra = load_data(args, state)  # before anything is written in the output dir
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        resume_from = start_run(args, out_dir, [out_dir / "checkpoints"], state)
-    except RunMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args, state, out_dir, started, _ = job
+    data, extra = load_data(args, state)  # before anything is written in the output dir
+    resume_from = start_run(args, out_dir, [out_dir / "checkpoints"], state)
     cache = cache_dir(args)
     bm25 = BM25(data.corpus, column="passage", k1=args.bm25_k1, b=args.bm25_b, cache_dir=cache)
     examples, dropped = training_examples(data, extra, bm25, args, state)
     if not examples:
-        print("error: no training example has a relevant passage and a BM25 hard negative; add training queries "
-              "(qrels/train.tsv or --train-file) or lower --hard-negatives", file=sys.stderr)
-        return 2
+        raise JobError("no training example has a relevant passage and a BM25 hard negative; add training queries "
+                       "(qrels/train.tsv or --train-file) or lower --hard-negatives")
     log.info("%d training examples (%d dropped: fewer than %d hard negatives)", len(examples), dropped,
              args.hard_negatives)
     import torch
@@ -249,7 +236,7 @@ def main(argv=None):
                 args.method: tuned_run}
         report = compare(data.qrels["test"], ids_of(data.corpus, runs), metrics=METRICS)
         petune.save(tuned, out_dir / "tuned")
-        command = "recipes/retrieval.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = job.command
         summary = {
             "command": command, "data": str(data.root), "method": args.method, "options": method_options(args),
             "lr": args.lr, "epochs": args.epochs, "processes": state.num_processes,

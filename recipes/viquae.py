@@ -41,19 +41,17 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from petune.jobs.common import (DEFAULT_LR, RunMismatch, add_index_args, add_method_args, add_run_args, cache_dir,  # noqa: E402
-                    dense_run, load_model, method_options, start_run, write_report)
+from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_run_args,  # noqa: E402
+                                cache_dir, dense_run, job_main, load_model, method_options, start_run, write_report)
 from petune.data import viquae  # noqa: E402
 from petune.score import BM25, compare, p_values, report_markdown  # noqa: E402
 from petune.train import DPRLoss, RetrievalCollator, Task, Trainer  # noqa: E402
-from petune.dist import process_state  # noqa: E402
 
 STAGES = ("first_stage", "viquae")
 
@@ -110,37 +108,21 @@ def training_examples(split, qrels, negatives, passages, images=None):
     return examples, skipped
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    state = process_state()
-    started = time.time()
-    out_dir = Path(args.output_dir)
-    try:
-        resume_from = start_run(args, out_dir, [out_dir / s / "checkpoints" for s in STAGES], state)
-    except RunMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+@job_main(parse_args)
+def main(job):
+    args, state, out_dir, started, _ = job
+    resume_from = start_run(args, out_dir, [out_dir / s / "checkpoints" for s in STAGES], state)
     cache = cache_dir(args)
-    try:
-        dataset = viquae.load("dataset", args.dataset_path)
-        kb = viquae.load("kb", args.kb_path)
-        passages = viquae.load("passages", args.passages_path)
-        first_stage = viquae.load("dataset", args.first_stage_dataset) if args.first_stage_dataset else None
-    except viquae.MissingDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    dataset = viquae.load("dataset", args.dataset_path)
+    kb = viquae.load("kb", args.kb_path)
+    passages = viquae.load("passages", args.passages_path)
+    first_stage = viquae.load("dataset", args.first_stage_dataset) if args.first_stage_dataset else None
     missing = [s for s in ("train", "test") if s not in dataset]
     if missing:
-        print(f"error: the ViQuAE dataset has no {missing} split(s); it has {list(dataset)}", file=sys.stderr)
-        return 2
+        raise JobError(f"the ViQuAE dataset has no {missing} split(s); it has {list(dataset)}")
     images = None
     if args.images_dir:
-        try:
-            paths = {s: viquae.image_paths(dataset[s], args.images_dir) for s in ("train", "test")}
-        except viquae.MissingDataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        paths = {s: viquae.image_paths(dataset[s], args.images_dir) for s in ("train", "test")}
         images = {}
         with state.main_process_first():  # extracted and cached once, read by the other processes
             for split_paths in paths.values():
@@ -191,9 +173,8 @@ def main(argv=None):
         examples, skipped_no_negative[name] = training_examples(
             split, split_qrels, mine(split, split_qrels), passages, images if name == "viquae" else None)
         if not examples:
-            print(f"error: no training examples for {name} (no question has both a relevant passage and a "
-                  "BM25 hard negative)", file=sys.stderr)
-            return 2
+            raise JobError(f"no training examples for {name} (no question has both a relevant passage and a "
+                           "BM25 hard negative)")
         task = Task(name, examples, collate, DPRLoss(), batch_size=min(args.batch_size, len(examples)),
                     drop_last=True)
         histories[name] = Trainer(tuned, [task], epochs=epochs, lr=args.lr, seed=args.seed,
@@ -213,7 +194,7 @@ def main(argv=None):
         report = compare(qrels["test"], runs, metrics=METRICS)
         petune.save(tuned, out_dir / "tuned")
         summary = {
-            "command": "recipes/viquae.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": job.command,
             "method": args.method, "options": method_options(args), "lr": args.lr, "epochs": args.epochs,
             "images": args.images_dir is not None,
             "trainable": tuned.trainable_report().as_dict(), "index_factory": args.index_factory,

@@ -30,7 +30,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -38,9 +37,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from petune.jobs.common import RunMismatch, add_run_args, cache_dir, load_model, start_run, write_report  # noqa: E402
+from petune.jobs.common import (JobError, add_run_args, cache_dir, job_main, load_model, start_run,  # noqa: E402
+                                write_report)
 from petune.data.packaged import split_ids  # noqa: E402
-from petune.dist import process_state  # noqa: E402
 from petune.embed import encode_sharded  # noqa: E402
 from petune.score import DenseIndex, compare, knn_scores, p_values, report_markdown  # noqa: E402
 from petune.train import ClassificationCollator, ClassificationLoss, PairCollator, PairLoss, Task, Trainer  # noqa
@@ -203,25 +202,17 @@ def train_row(method, args, data, state, out_dir, resume_from):
     return tuned, tokenizer, history, time.time() - started
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    state = process_state()
-    started = time.time()
-    out_dir = Path(args.output_dir)
+@job_main(parse_args)
+def main(job):
+    args, state, out_dir, started, _ = job
     methods = METHODS if args.method == "all" else [args.method]
-    try:
-        resume_from = start_run(args, out_dir, [out_dir / m / "checkpoints" for m in methods], state)
-    except (RunMismatch, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    resume_from = start_run(args, out_dir, [out_dir / m / "checkpoints" for m in methods], state)
     cache = cache_dir(args)
     try:
         with state.main_process_first():  # features: extracted and cached once, read by the other processes
             data = build_data(args, cache)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as e:  # the Tux Paint stamps are not there; the message says how to get them
+        raise JobError(str(e)) from e
     split = data["splits"]
     if state.is_main_process:
         log.info("%s: %d images, %d categories; train %d, val %d, test %d", args.dataset, len(data["items"]),
@@ -251,7 +242,7 @@ def main(argv=None):
                           "train_seconds": round(seconds, 1)}
     if state.is_main_process:
         results, sections = score(data, systems)
-        summary = {"command": "recipes/vision.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        summary = {"command": job.command,
                    "dataset": args.dataset, "features": args.features, "pooling": args.pooling, "epochs": args.epochs,
                    "batch_size": args.batch_size, "seed": args.seed, "split_seed": args.split_seed,
                    "processes": state.num_processes, "items": len(data["items"]),

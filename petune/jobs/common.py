@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import logging
 import shutil
+import sys
+import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 log = logging.getLogger("recipes")
 #: written in --output-dir; --resume continues only a run started with the same options
@@ -104,8 +109,57 @@ def dense_run(model, tokenizer, passages, queries: dict, args, cache, *, query_l
     return index.search(q, qids, k=k)
 
 
-class RunMismatch(ValueError):
+class JobError(ValueError):
+    """A mistake in a job's input or options that the user fixes; :func:`job_main` prints it and exits 2."""
+
+
+class RunMismatch(JobError):
     """--resume on an output dir whose run was started with other options."""
+
+
+class Job(NamedTuple):
+    """What :func:`job_main` hands a recipe's body.
+
+    ``args``: the parsed options; ``state``: the process state; ``out_dir``: ``args.output_dir``;
+    ``started``: ``time.time()`` at the start; ``command``: the command line, for reports and cards.
+    """
+
+    args: Any
+    state: Any
+    out_dir: Path
+    started: float
+    command: str
+
+
+def job_main(parse):
+    """Make a recipe's ``main(argv=None)`` from ``body(job: Job)``, parsing ``argv`` with ``parse``.
+
+    Logs at INFO and turns the user's mistakes into one line: :class:`JobError` (and
+    :class:`RunMismatch`), :class:`petune.data.files.DataError` and
+    :class:`petune.data.viquae.MissingDataError` raised by ``body`` are printed as ``error: ...``
+    on stderr and ``main`` returns exit status 2; raise them before the job writes anything it could
+    not finish. Any other exception propagates with its traceback.
+    """
+    from petune.data.files import DataError
+    from petune.data.viquae import MissingDataError
+    from petune.dist import process_state
+
+    def decorate(body):
+        @functools.wraps(body)
+        def main(argv=None):
+            args = parse(argv)
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+            try:
+                command = " ".join([f"recipes/{Path(inspect.getfile(body)).name}",
+                                    *(sys.argv[1:] if argv is None else argv)])
+                return body(Job(args, process_state(), Path(args.output_dir), time.time(), command))
+            except (JobError, DataError, MissingDataError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+
+        return main
+
+    return decorate
 
 
 def start_run(args, out_dir: Path, checkpoint_dirs: list[Path], state) -> str | None:
