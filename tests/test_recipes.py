@@ -172,7 +172,7 @@ def test_viquae_missing_data_exits_with_instructions(args, expected):
 
 
 #: the offline job at a test size, a checkpoint every 5 steps
-QUICK = ["--quick", "--max-articles", "150", "--max-questions", "100", "--checkpoint-every", "5"]
+QUICK = ["--quick", "--max-articles", "90", "--max-questions", "60", "--checkpoint-every", "5"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
