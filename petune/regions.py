@@ -25,6 +25,26 @@ def grid_boxes(cells: int) -> np.ndarray:
     return np.stack([j / k, i / k, (j + 1) / k, (i + 1) / k], axis=1).astype(np.float32)
 
 
+def pool_grid(cells, k: int) -> np.ndarray:
+    """Grid features ``[..., s·s, feat_dim]`` averaged into ``k × k`` cells ``[..., k·k, feat_dim]``
+    (row-major, ``torch.nn.functional.adaptive_avg_pool2d``: with ``s`` not a multiple of ``k``
+    neighbouring cells share a row or column of the grid; their boxes are :func:`grid_boxes`).
+
+    Raises:
+        ValueError: ``cells`` is not a square grid, or ``k`` is not an integer in ``1 … s``.
+    """
+    cells = np.asarray(cells, dtype=np.float32)
+    s = math.isqrt(cells.shape[-2]) if cells.ndim >= 2 else 0
+    if cells.ndim < 2 or s * s != cells.shape[-2]:
+        raise ValueError(f"pool_grid needs grid features [..., s*s, feat_dim], got shape {cells.shape}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s:
+        raise ValueError(f"grid={k!r}: pool the {s}x{s} grid to k x k cells with an integer k in 1..{s}")
+    lead, d = cells.shape[:-2], cells.shape[-1]
+    maps = torch.from_numpy(np.ascontiguousarray(cells.reshape(-1, s, s, d))).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(maps, k).permute(0, 2, 3, 1).reshape(*lead, k * k, d)
+    return pooled.numpy()
+
+
 WHOLE_IMAGE = np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32)
 
 

@@ -14,6 +14,7 @@ from conftest import tiny
 from petune.train import (ClassificationCollator, ClassificationLoss, DPRLoss, MultiTaskLoader, PairCollator,
                           PairLoss, RetrievalCollator, Seq2SeqCollator, Seq2SeqLoss, Task, Trainer, dpr_loss,
                           false_negatives, task_order, text_key)
+from test_cached import tuned_model
 from test_embed import CharTokenizer as Tok
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,6 +207,9 @@ def test_two_processes_agree(tmp_path):
     assert r0["dpr_grad_max_diff"] < 1e-6 and r1["dpr_grad_max_diff"] < 1e-6
     assert r0["itm_grad_norm"] > 1e-3
     assert r0["itm_grad_max_diff"] < 1e-5 * max(1.0, r0["itm_grad_norm"]) and r1["itm_grad_max_diff"] < 1e-4
+    # the cached loss (mini-batches of 2 of each process's 4 pairs) too: its all-gather sends gradients home
+    assert r0["itm_cached_grad_max_diff"] < 1e-5 * max(1.0, r0["itm_grad_norm"])
+    assert r1["itm_cached_grad_max_diff"] < 1e-4
     assert r0["steps"] == r1["steps"] == 4  # 16 examples / batch 2 / 2 processes
     assert r0["param_checksum"] == r1["param_checksum"]
     assert r0["gather_after_fit"] == [0.0, 1.0]  # the process group is still usable after fit()
@@ -316,3 +320,48 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="another run"):
         Trainer(other, tasks_for(n=12), seed=5, sampling="proportional", output_dir=tmp_path / "lora",
                 progress=False, log_with=None).fit(resume_from="latest")
+
+
+# -- optimiser groups per part and a first stage (the vision recipe's levers) -----------------------
+def pair_task(n=8):
+    g = torch.Generator().manual_seed(3)
+    examples = [{"a": "", "image_a": torch.randn(6, generator=g).numpy(), "b": f"text {i} " + "ab" * i}
+                for i in range(n)]
+    return Task("itm", examples, PairCollator(Tok(), prefix_a="match: "), PairLoss(), batch_size=4)
+
+
+def snapshot(tuned):
+    return {k: p.detach().clone() for k, p in tuned.tuned_parameters().items()}
+
+
+def moved(before, after, prefix):
+    """Whether any parameter whose name starts (or, with "!", does not start) with prefix changed."""
+    keep = (lambda k: not k.startswith(prefix[1:])) if prefix.startswith("!") else (lambda k: k.startswith(prefix))
+    return any(not torch.equal(before[k], after[k]) for k in before if keep(k))
+
+
+def test_param_groups_give_a_part_its_own_learning_rate():
+    tuned = tuned_model("lora", {"r": 2})
+    before = snapshot(tuned)
+    trainer = Trainer(tuned, [pair_task()], epochs=1, lr=1e-2, param_groups={"visual": {"lr": 0.0}},
+                      progress=False, log_with=None)
+    assert sorted(g["lr"] for g in trainer.optimizer.param_groups) == [0.0, 1e-2]
+    trainer.fit()
+    after = snapshot(tuned)
+    assert not moved(before, after, "petune_visual.") and moved(before, after, "!petune_visual.")
+    with pytest.raises(ValueError, match="no parameter group 'vision'.*'visual'"):
+        Trainer(tuned_model("lora", {"r": 2}), [pair_task()], param_groups={"vision": {"lr": 1.0}})
+
+
+def test_first_stage_trains_only_the_visual_embedding(tmp_path):
+    tuned = tuned_model("lora", {"r": 2})
+    before = snapshot(tuned)
+    options = dict(epochs=3, lr=1e-2, first_stage_steps=2, progress=False, log_with=None,
+                   output_dir=tmp_path, checkpoint_every=1)
+    Trainer(tuned, [pair_task()], max_steps=2, **options).fit()
+    stage_one = snapshot(tuned)
+    assert moved(before, stage_one, "petune_visual.") and not moved(before, stage_one, "!petune_visual.")
+    history = Trainer(tuned, [pair_task()], **options).fit(resume_from="latest")  # the second stage
+    assert len(history["loss"]) == 6 and moved(stage_one, snapshot(tuned), "!petune_visual.")
+    with pytest.raises(ValueError, match="another run.*first_stage"):  # another schedule does not resume it
+        Trainer(tuned, [pair_task()], **{**options, "first_stage_steps": 1}).fit(resume_from="latest")

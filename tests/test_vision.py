@@ -354,6 +354,31 @@ def test_hugging_face_vision_backbone(tmp_path):
     assert len(list(tmp_path.rglob("*.safetensors"))) == 2
 
 
+def test_grid_pooled_to_k_by_k_cells(tmp_path):
+    """grid=k: the cached full grid averaged into k x k cells, row-major (adaptive average pooling:
+    a 4 x 4 grid at k = 2 gives its four quadrants), boxes from grid_boxes; bad k names the range."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+    from PIL import Image
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                             image_size=32, patch_size=8))
+    extractor = petune.vision.HFVisionBackbone(vit, ViTImageProcessor(size={"height": 32, "width": 32}))
+    images = [Image.new("RGB", (40, 30), c) for c in ("red", "blue")]
+    full = extract_features(images, extractor, grid=True, cache_dir=tmp_path)  # [2, 16, 32]
+    two = extract_features(images, extractor, grid=2, cache_dir=tmp_path)
+    assert two.shape == (2, 4, 32) and len(list(tmp_path.rglob("*.safetensors"))) == 2  # one cache for both
+    cells = full.reshape(2, 4, 4, 32)
+    np.testing.assert_allclose(two[:, 1], cells[:, :2, 2:].mean((1, 2)), atol=1e-6)  # top-right quadrant
+    np.testing.assert_allclose(extract_features(images, extractor, grid=1)[:, 0], full.mean(1), atol=1e-6)
+    np.testing.assert_allclose(petune.vision.pool_grid(full, 4), full, atol=1e-6)
+    feats, boxes = petune.vision.regions(two[0])
+    assert feats.shape == (4, 32) and boxes[3].tolist() == [0.5, 0.5, 1.0, 1.0]
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="grid"):
+            extract_features(images, extractor, grid=bad)
+
+
 def test_a_format_1_save_with_a_visual_embedding_still_loads(tmp_path):
     """Saves written before parts were generic (petune.json format 1: the visual embedding's
     options under "visual") load into a fresh model and into a tuned one alike."""

@@ -59,10 +59,20 @@ class Trainer:
         max_steps: stop after this many optimizer steps in total (a checkpoint is written).
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``.
         progress: show a progress bar on the main process.
+        param_groups: optimiser options per group of parameters, e.g. ``{"visual": {"lr": 1e-3,
+            "weight_decay": 0.01}}``; groups: ``"method"`` (the method's parameters), each part's
+            kind (``"visual"`` for the visual embedding) and ``"loss"`` (the losses' own, e.g. a
+            temperature). A group not named uses ``lr`` and ``weight_decay``; the schedule scales all.
+        first_stage_steps, first_stage_train: for the first ``first_stage_steps`` optimizer steps
+            only the groups in ``first_stage_train`` are updated (default: the visual embedding
+            and the losses' parameters — aligning the image tokens before the method trains, as
+            LLaVA's stage 1); the others keep their values (their gradients are dropped, so AdamW
+            neither moves nor decays them). ``0`` (default): one stage.
 
     Raises:
         ValueError: no tasks, duplicate task names, a task the model has no module for, bad
-            numbers; at :meth:`fit`, a checkpoint from another method, model, task list or seed.
+            numbers, a parameter group the model does not have; at :meth:`fit`, a checkpoint from
+            another method, model, task list, seed or stage schedule.
         FloatingPointError: the loss is NaN/inf at the very first step (later ones are skipped
             and counted in ``history["skipped_steps"]``).
     """
@@ -73,7 +83,9 @@ class Trainer:
                  batches_per_task: int | None = None, seed: int = 0, output_dir: str | None = None,
                  checkpoint_every: int | None = None, keep_checkpoints: int = 2, eval_fn=None,
                  eval_every: int | None = None, log_with: str | None = "auto", max_steps: int | None = None,
-                 mixed_precision: str = "no", progress: bool = True, num_workers: int = 0):
+                 mixed_precision: str = "no", progress: bool = True, num_workers: int = 0,
+                 param_groups: dict[str, dict] | None = None, first_stage_steps: int = 0,
+                 first_stage_train: tuple[str, ...] = ("visual", "loss")):
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
         from torch.utils.data import DataLoader
@@ -118,7 +130,8 @@ class Trainer:
             loaders[t.name] = acc.prepare(dl)
         self.loader = MultiTaskLoader(loaders, sampling, seed, batches_per_task, {t.name: t.repeat for t in tasks})
 
-        self.params = list(model.tuned_parameters().values()) + [p for p in self.losses.parameters()]
+        self.groups = self._parameter_groups()
+        self.params = [p for params in self.groups.values() for p in params]
         if not self.params:
             raise ValueError(f"nothing to train: method {model.method.name!r} adds no parameters and no task loss "
                              "has any (add a visual embedding, a classification head, or pick another method)")
@@ -127,7 +140,20 @@ class Trainer:
         self._broadcast_parameters()
         steps_per_epoch = math.ceil(len(self.loader) / self.accumulation)
         self.total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-        optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.param_groups, self.first_stage_steps = dict(param_groups or {}), first_stage_steps
+        self.first_stage_train = tuple(first_stage_train)
+        for name in [*self.param_groups, *(self.first_stage_train if first_stage_steps else ())]:
+            if name not in self.groups:
+                raise ValueError(f"no parameter group {name!r}: this model and its losses have {list(self.groups)}")
+        if not isinstance(first_stage_steps, int) or first_stage_steps < 0:
+            raise ValueError(f"first_stage_steps must be a non-negative integer, got {first_stage_steps!r}")
+        if self.param_groups:  # one optimiser group per named group, the rest together
+            rest = [p for g, params in self.groups.items() if g not in self.param_groups for p in params]
+            options = [{"params": rest}] if rest else []
+            options += [{"params": self.groups[g], **o} for g, o in self.param_groups.items() if self.groups[g]]
+        else:
+            options = self.params
+        optimizer = torch.optim.AdamW(options, lr=lr, weight_decay=weight_decay)
         self.optimizer = acc.prepare(optimizer)
         from transformers import get_linear_schedule_with_warmup
 
@@ -139,6 +165,16 @@ class Trainer:
         self.history: dict = {"loss": [], "eval": [], "skipped_steps": 0, "step_seconds": []}
 
     # -- helpers -------------------------------------------------------------------------------
+    def _parameter_groups(self) -> dict[str, list]:
+        """``{"method": [...], <part kind>: [...], "loss": [...]}``: the trained parameters by owner."""
+        kinds = list(self.model.extra_parts)
+        groups: dict[str, list] = {"method": [], **{k: [] for k in kinds}, "loss": []}
+        for name, p in self.model.tuned_parameters().items():
+            owner = next((k for k in kinds if name.startswith(f"petune_{k}.")), "method")
+            groups[owner].append(p)
+        groups["loss"] = list(self.losses.parameters())
+        return groups
+
     def _broadcast_parameters(self):
         """Start every process from rank 0's parameters (random inits may differ per process)."""
         if self.accelerator.num_processes > 1:
@@ -182,7 +218,11 @@ class Trainer:
                        "sampling": self.loader.mode, "num_processes": self.accelerator.num_processes,
                        "batch_sizes": {n: t.batch_size for n, t in self.tasks.items()}}
         repeats = {n: t.repeat for n, t in self.tasks.items() if t.repeat != 1}
-        return {**fingerprint, "repeats": repeats} if repeats else fingerprint  # older checkpoints have none
+        if repeats:  # older checkpoints have none of these keys
+            fingerprint["repeats"] = repeats
+        if self.first_stage_steps:
+            fingerprint["first_stage"] = [self.first_stage_steps, list(self.first_stage_train)]
+        return fingerprint
 
     def save_checkpoint(self) -> Path:
         """Write tuned parameters, optimizer, scheduler, loss parameters, RNG states and the
@@ -312,6 +352,11 @@ class Trainer:
         log.warning("skipped a step with a NaN/inf loss or gradient (%d so far)", self.state["skipped_steps"])
 
     def _optimizer_step(self) -> bool:
+        if self.state["global_step"] < self.first_stage_steps:  # first stage: only its groups move
+            for g, params in self.groups.items():
+                if g not in self.first_stage_train:
+                    for p in params:
+                        p.grad = None
         self._sync_gradients()
         if self.max_grad_norm is not None:
             norm = self.accelerator.clip_grad_norm_([p for p in self.params if p.grad is not None],

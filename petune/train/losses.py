@@ -138,7 +138,42 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, gather: bool
     return (F.cross_entropy(scale * a @ all_b.T, labels) + F.cross_entropy(scale * b @ all_a.T, labels)) / 2
 
 
-class DPRLoss(nn.Module):
+class ContrastiveLoss(nn.Module):
+    """Base of the contrastive losses: pool each input group of a batch, then score the
+    embeddings. With ``mini_batch_size`` set and a group larger than it, the loss is cached
+    (:mod:`petune.train.cached`, GradCache): the same value and gradient as uncached, with only
+    ``mini_batch_size`` rows' activations in memory at a time, so the batch (the in-batch
+    negatives) can grow past what one forward holds. Subclasses give :meth:`groups` and :meth:`score`.
+
+    Raises:
+        ValueError: ``mini_batch_size`` is not a positive integer (at construction).
+    """
+
+    def __init__(self, pooling: str, mini_batch_size: int | None):
+        super().__init__()
+        if mini_batch_size is not None and (not isinstance(mini_batch_size, int) or mini_batch_size < 1):
+            raise ValueError(f"mini_batch_size must be a positive integer or None, got {mini_batch_size!r}")
+        self.pooling, self.mini_batch_size = pooling, mini_batch_size
+
+    def groups(self, batch) -> dict[str, dict]:
+        """``{name: collated inputs}`` to embed."""
+        raise NotImplementedError
+
+    def score(self, embeddings: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        """The loss of the pooled embeddings ``{name: [rows, d]}``."""
+        raise NotImplementedError
+
+    def forward(self, model, batch):
+        groups = self.groups(batch)
+        m = self.mini_batch_size
+        if m is not None and max(g["input_ids"].shape[0] for g in groups.values()) > m:
+            from .cached import cached_loss
+
+            return cached_loss(self, model, groups, lambda e: self.score(e, batch), self.pooling, m)
+        return self.score({k: pool_inputs(model, g, self.pooling) for k, g in groups.items()}, batch)
+
+
+class DPRLoss(ContrastiveLoss):
     """Task loss for retrieval batches ``{"query": {input_ids, attention_mask}, "passages": {...}}``
     (from :class:`petune.train.collate.RetrievalCollator`): pool both, then :func:`dpr_loss`.
 
@@ -146,37 +181,43 @@ class DPRLoss(nn.Module):
     hard negatives that are relevant to the query (:func:`false_negatives`) are left out of its
     softmax instead of being pushed away. ``scale``: see :func:`dpr_loss` (``None``: inner product;
     score the tuned model the same way, ``encode(..., normalize=True)`` when a scale is given).
+    ``mini_batch_size``: embed that many queries (and passages) at a time with a cached loss
+    (:class:`ContrastiveLoss`); ``None`` embeds the whole batch at once.
     """
 
     def __init__(self, pooling: str = "mean", gather: bool = True, mask_false_negatives: bool = True,
-                 scale: float | None = None):
-        super().__init__()
-        self.pooling, self.gather, self.mask_false_negatives, self.scale = pooling, gather, mask_false_negatives, scale
+                 scale: float | None = None, mini_batch_size: int | None = None):
+        super().__init__(pooling, mini_batch_size)
+        self.gather, self.mask_false_negatives, self.scale = gather, mask_false_negatives, scale
 
-    def forward(self, model, batch):
-        q = pool_inputs(model, batch["query"], self.pooling)
-        p = pool_inputs(model, batch["passages"], self.pooling)
+    def groups(self, batch):
+        return {"query": batch["query"], "passages": batch["passages"]}
+
+    def score(self, embeddings, batch):
         mask = None
         if self.mask_false_negatives and "relevant_keys" in batch:
             everyone = gather_keys if self.gather else (lambda keys: keys)
             mask = false_negatives(batch["query_keys"], everyone(batch["query_keys"]),
                                    everyone(batch["passage_keys"]), batch["relevant_keys"])
-        return dpr_loss(q, p, self.gather, mask, self.scale)
+        return dpr_loss(embeddings["query"], embeddings["passages"], self.gather, mask, self.scale)
 
 
-class PairLoss(nn.Module):
+class PairLoss(ContrastiveLoss):
     """Task loss for paired batches ``{"a": {...}, "b": {...}}``: symmetric InfoNCE with a learnable
-    temperature (:class:`LogitScale`, trained with the method's parameters)."""
+    temperature (:class:`LogitScale`, trained with the method's parameters). ``mini_batch_size``:
+    embed that many pairs at a time with a cached loss (:class:`ContrastiveLoss`)."""
 
-    def __init__(self, pooling: str = "mean", init_temperature: float = 0.07, gather: bool = True):
-        super().__init__()
-        self.pooling, self.gather = pooling, gather
+    def __init__(self, pooling: str = "mean", init_temperature: float = 0.07, gather: bool = True,
+                 mini_batch_size: int | None = None):
+        super().__init__(pooling, mini_batch_size)
+        self.gather = gather
         self.logit_scale = LogitScale(init_temperature)
 
-    def forward(self, model, batch):
-        a = pool_inputs(model, batch["a"], self.pooling)
-        b = pool_inputs(model, batch["b"], self.pooling)
-        return info_nce(a, b, self.logit_scale(), self.gather)
+    def groups(self, batch):
+        return {"a": batch["a"], "b": batch["b"]}
+
+    def score(self, embeddings, batch):
+        return info_nce(embeddings["a"], embeddings["b"], self.logit_scale(), self.gather)
 
 
 class ClassificationLoss(nn.Module):

@@ -95,7 +95,7 @@ class VisualPart(Part):
     @classmethod
     def from_options(cls, tuned, feat_dim, backbone=None, grid=False, per_task=False, n_images=1) -> "VisualPart":
         part = _visual_part(tuned, feat_dim, per_task, n_images, {"feat_dim": feat_dim, "backbone": backbone,
-                                                                 "grid": bool(grid), "per_task": per_task,
+                                                                 "grid": grid, "per_task": per_task,
                                                                  "n_images": n_images})
         tuned.add_part(part)
         return part
@@ -107,7 +107,7 @@ def _visual_part(tuned, feat_dim, per_task, n_images, options) -> VisualPart:
                       per_task, options)
 
 
-def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None, grid: bool = False,
+def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None, grid: bool | int = False,
                per_task: bool = False, n_images: int = 1) -> TunedModel:
     """Give a tuned model a trainable visual embedding, so that it reads images beside text.
 
@@ -121,6 +121,9 @@ def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None,
         backbone: the feature extractor the model will read (a :class:`FeatureExtractor` or a name
             of :func:`petune.vision.feature_extractor`); recorded so that :func:`petune.encode` can
             take images themselves, and saved with the model.
+        grid: the features :func:`petune.encode` extracts when given images themselves, as
+            :func:`petune.vision.extract_features`'s ``grid`` (``False``: pooled, ``True``: the full
+            grid, ``k``: ``k × k`` cells); train on the same.
         per_task: one visual embedding per task (default: one shared by all tasks, as VL-Adapter).
         n_images: images per example at most.
 

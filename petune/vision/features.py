@@ -185,14 +185,17 @@ def feature_extractor(backbone=DEFAULT_BACKBONE) -> FeatureExtractor:
     return _named(os.fspath(backbone))
 
 
-def extract_features(images, backbone=DEFAULT_BACKBONE, *, grid: bool = False, batch_size: int = 32,
+def extract_features(images, backbone=DEFAULT_BACKBONE, *, grid: bool | int = False, batch_size: int = 32,
                      cache_dir: str | os.PathLike | None = None, progress: bool | None = None) -> np.ndarray:
     """Features of images from a frozen backbone, in input order.
 
     Args:
         images: file paths or PIL images.
         backbone: a name or :class:`FeatureExtractor` (see :func:`feature_extractor`).
-        grid: return the grid ``[n, cells, feat_dim]`` instead of pooled ``[n, feat_dim]``.
+        grid: ``False``: pooled ``[n, feat_dim]``; ``True``: the backbone's grid ``[n, cells,
+            feat_dim]`` (49 cells for EfficientNet-Lite0's 7 × 7 map); an integer ``k``: that grid
+            averaged into ``k × k`` cells ``[n, k·k, feat_dim]`` (:func:`petune.regions.pool_grid`;
+            4 tokens at ``k = 2``, 9 at ``3``: some layout at a fraction of the full grid's cost).
         batch_size: images per forward.
         cache_dir: keep each image's features there (``image-features/<backbone key>/<image
             hash>.safetensors``, pooled and grid, written atomically) and reuse them: keyed by the
@@ -203,7 +206,7 @@ def extract_features(images, backbone=DEFAULT_BACKBONE, *, grid: bool = False, b
         float32 ``[n, feat_dim]``, or ``[n, cells, feat_dim]`` with ``grid``.
 
     Raises:
-        ValueError: no images, or a bad ``batch_size``.
+        ValueError: no images, a bad ``batch_size``, or ``k`` outside ``1 …`` the grid's side.
         FileNotFoundError / TypeError: from :func:`load_image`.
     """
     from safetensors.numpy import load_file, save
@@ -215,7 +218,9 @@ def extract_features(images, backbone=DEFAULT_BACKBONE, *, grid: bool = False, b
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     extractor = feature_extractor(backbone)
-    which = "grid" if grid else "pooled"
+    if not isinstance(grid, (bool, int)) or (not isinstance(grid, bool) and grid < 1):
+        raise ValueError(f"grid must be False, True or a positive integer k (k x k cells), got {grid!r}")
+    which = "grid" if grid is not False else "pooled"
     out: list = [None] * len(images)
     folder = Path(cache_dir) / "image-features" / extractor.key if cache_dir is not None else None
     todo = list(range(len(images)))
@@ -242,5 +247,10 @@ def extract_features(images, backbone=DEFAULT_BACKBONE, *, grid: bool = False, b
                     atomic_write(folder / f"{digests[i]}.safetensors",
                                  lambda f, e=entry: f.write(save(e)))
             bar.update(len(idx))
-    return np.stack(out).astype(np.float32, copy=False)
+    out = np.stack(out).astype(np.float32, copy=False)
+    if grid is not True and grid is not False:  # k x k cells, pooled from the cached full grid
+        from ..regions import pool_grid
+
+        out = pool_grid(out, grid)
+    return out
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from ..regions import grid_boxes, image_batch, images_digest, images_of, num_regions, regions  # noqa: F401
+from ..regions import grid_boxes, image_batch, images_digest, images_of, num_regions, pool_grid, regions  # noqa: F401
 
 
 def resolve_images(part, texts, images, cache_dir=None):

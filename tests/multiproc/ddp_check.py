@@ -54,9 +54,10 @@ def masked_vs_single_process(q_all, p_all, n_local, rank, world) -> tuple[float,
     return gather(local.detach().reshape(1)).mean().item(), single.item()
 
 
-def model_grad_vs_single_process(rank, world) -> tuple[float, float]:
+def model_grad_vs_single_process(rank, world, mini_batch_size=None) -> tuple[float, float]:
     """Image–text matching (PairLoss, LoRA + visual embedding): the gradient averaged over processes,
-    as the Trainer does, equals the single-process gradient of the same global batch."""
+    as the Trainer does, equals the single-process gradient of the same global batch (with
+    ``mini_batch_size``, the processes' loss is cached; the single-process one is not)."""
     torch.manual_seed(0)
     tuned = petune.attach(tiny("t5"), "lora")
     petune.vision.add_visual(tuned, 6)
@@ -67,13 +68,14 @@ def model_grad_vs_single_process(rank, world) -> tuple[float, float]:
     g = torch.Generator().manual_seed(1)
     examples = [{"a": "", "image_a": torch.randn(6, generator=g).numpy(), "b": f"text {i} " + "ab" * i}
                 for i in range(4 * world)]
-    collate, loss = PairCollator(Tok(), prefix_a="match: "), PairLoss()
+    collate, loss = PairCollator(Tok(), prefix_a="match: "), PairLoss(mini_batch_size=mini_batch_size)
+    tuned.eval()  # no dropout: the cached and uncached forwards see the same model
     loss(tuned, collate(examples[rank * 4:(rank + 1) * 4])).backward()
     params = [p for p in params if p.grad is not None]  # the decoder's LoRA takes no part in encoding
     distributed = [reduce(p.grad, "mean") for p in params]
     for p in params:
         p.grad = None
-    loss.gather = False
+    loss.gather, loss.mini_batch_size = False, None
     loss(tuned, collate(examples)).backward()
     diff = max(float((d - p.grad).abs().max()) for d, p in zip(distributed, params))
     return diff, float(sum(p.grad.norm() for p in params))
@@ -117,6 +119,7 @@ def main():
     out["masked_mean_over_processes"], out["masked_single_process"] = masked_vs_single_process(
         q_all, p_all, n_local, rank, world)
     out["itm_grad_max_diff"], out["itm_grad_norm"] = model_grad_vs_single_process(rank, world)
+    out["itm_cached_grad_max_diff"], _ = model_grad_vs_single_process(rank, world, mini_batch_size=2)
 
     # a short two-process training run: parameters must stay identical across processes
     torch.manual_seed(100 + rank)  # different random inits per process: the Trainer broadcasts rank 0's
