@@ -15,10 +15,11 @@ from .store import EmbeddingStore, encode_to_store
 from .methods.base import Method
 from .methods.registry import get_method, methods, register_method
 from .tuned import TrainableReport, TunedModel, attach
+from .heads import add_projection_head
 from . import vision  # noqa: E402  (after attach: vision builds on it)
 
 __version__ = "0.1.0"
 
-__all__ = ["attach", "encode", "encode_sharded", "encode_to_store", "EmbeddingStore", "export",
+__all__ = ["attach", "add_projection_head", "encode", "encode_sharded", "encode_to_store", "EmbeddingStore", "export",
            "register_method", "methods", "get_method", "Method",
            "TunedModel", "TrainableReport", "save", "load", "read_config", "vision", "__version__"]

@@ -66,7 +66,8 @@ def _decoder_start_state(model, states, mask):
 
 def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean",
          layers: int | None = None, layer_combine: str = "mean", images: dict | None = None) -> torch.Tensor:
-    """Embed one tokenised batch: ``[batch, seq]`` ids and mask → ``[batch, d]`` (``d·layers`` if concat).
+    """Embed one tokenised batch: ``[batch, seq]`` ids and mask → ``[batch, d]`` (``d·layers`` if
+    concat; a tuned model's projection head then maps it to ``[batch, dim]``, :mod:`petune.heads`).
 
     ``"first"`` is the first *input* token (CLS for BERT, the first T5 token); under prompt tuning
     the virtual tokens before it are skipped. ``"mean"`` averages every position the mask covers,
@@ -87,8 +88,10 @@ def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: 
         else:
             pooled.append(_decoder_start_state(model, states, mask))
     if len(pooled) == 1:
-        return pooled[0]
-    return torch.cat(pooled, dim=-1) if layer_combine == "concat" else torch.stack(pooled).mean(0)
+        out = pooled[0]
+    else:
+        out = torch.cat(pooled, dim=-1) if layer_combine == "concat" else torch.stack(pooled).mean(0)
+    return model.after_pooling(out) if isinstance(model, TunedModel) else out
 
 
 def pool_inputs(model, inputs: dict, pooling: str = "mean") -> torch.Tensor:

@@ -48,11 +48,13 @@ def part_class(kind: str, module: str | None = None) -> type:
 
 class Part(nn.ModuleDict):
     """A trainable part: one module per key (:data:`SHARED`, or one per task), reading the input a
-    batch passes under :attr:`input_key` and giving tokens that follow each row's text.
+    batch passes under :attr:`input_key` and giving tokens that follow each row's text, or
+    mapping the pooled embedding (a projection head).
 
-    Subclasses set :attr:`label` (its row in the trainable report), :attr:`input_key`, and
-    implement :meth:`tokens`, :meth:`from_options` and, when callers may give raw inputs that need
-    preparing (an image file to turn into features), :meth:`prepare`.
+    Subclasses set :attr:`label` (its row in the trainable report), :attr:`input_key` (empty
+    for a part that reads no input), and implement :meth:`tokens` or :meth:`after_pooling`,
+    :meth:`from_options` and, when callers may give raw inputs that need preparing (an image
+    file to turn into features), :meth:`prepare`.
 
     Args:
         modules: ``{key: module}``.
@@ -84,6 +86,11 @@ class Part(nn.ModuleDict):
     def tokens(self, key: str, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embeds [batch, tokens, d_model], mask [batch, tokens])`` of the batch's ``inputs``."""
         raise NotImplementedError
+
+    def after_pooling(self, key: str, pooled: torch.Tensor) -> torch.Tensor:
+        """The pooled embedding ``[batch, d]`` as this part leaves it (default: unchanged; a
+        projection head maps it, :mod:`petune.heads`)."""
+        return pooled
 
     def prepare(self, tuned, texts, values, cache_dir=None):
         """An encode call's texts and raw per-example values → ``(texts, values)`` ready for

@@ -166,6 +166,13 @@ class TunedModel(nn.Module):
         extra = None if images is None else self.part_tokens("images", images)
         return self.method.encoder_output(self.model, input_ids, attention_mask, output_hidden_states, extra=extra)
 
+    def after_pooling(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``pooled [batch, d]`` through each part's :meth:`~petune.parts.Part.after_pooling`
+        (a projection head: ``[batch, dim]``), with the active task's modules."""
+        for part in self.extra_parts.values():
+            pooled = part.after_pooling(part.key(self.active_task), pooled)
+        return pooled
+
     def part_for(self, input_key: str) -> Part:
         """The added part that reads ``input_key`` (``"images"``: the visual embedding).
 
@@ -173,7 +180,7 @@ class TunedModel(nn.Module):
             ValueError: no part reads it (says how to add one).
         """
         for part in self.extra_parts.values():
-            if part.input_key == input_key:
+            if part.input_key and part.input_key == input_key:
                 return part
         raise ValueError(f"{input_key} need a part that reads them (for images: a visual embedding, "
                          "petune.vision.add_visual(tuned, ...)); this model has "

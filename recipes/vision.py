@@ -66,6 +66,17 @@ def parse_args(argv=None):
                         help="which tuned rows to train besides the linear probe (default: all)")
     parser.add_argument("--features", default="pooled", choices=["pooled", "grid"],
                         help="one visual token per image (pooled) or one per 7x7 grid cell, with its box")
+    parser.add_argument("--grid-size", type=int, help="with --features grid: average the 7x7 grid into K x K "
+                        "cells (K*K visual tokens, each with its box; 2 or 3 keep some layout at a fraction of "
+                        "the cost)")
+    parser.add_argument("--mini-batch-size", type=int, help="cached contrastive loss (GradCache): embed this many "
+                        "pairs at a time, so --batch-size (the in-batch negatives) can grow past what fits")
+    parser.add_argument("--visual-lr", type=float, help="learning rate of the visual embedding (default: the "
+                        "method's)")
+    parser.add_argument("--first-stage-steps", type=int, default=0, help="train only the visual embedding (and "
+                        "the losses' parameters) for the first N optimizer steps, then everything")
+    parser.add_argument("--head-dim", type=int, help="a projection head after pooling, d_model -> this size "
+                        "(d_model: starts as the identity)")
     parser.add_argument("--pooling", default="mean", choices=["mean", "first"],
                         help="embedding of an input: mean of its encoder states, or the first token's")
     parser.add_argument("--epochs", type=int, default=8)
@@ -81,9 +92,16 @@ def parse_args(argv=None):
                         help="a 1-2 minute smoke run: 300 images (unless --max-items), 2 epochs")
     add_run_args(parser, checkpoint_every=200)
     args = parser.parse_args(argv)
+    if args.grid_size is not None and args.features != "grid":
+        parser.error("--grid-size pools grid features: add --features grid")
     if args.quick:
         args.max_items, args.epochs = args.max_items or 300, 2
     return args
+
+
+def grid_option(args):
+    """extract_features' / add_visual's ``grid``: False, True (7x7) or K (K x K cells)."""
+    return False if args.features == "pooled" else (args.grid_size or True)
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -93,7 +111,7 @@ def build_data(args, cache) -> dict:
     if args.max_items and args.max_items < len(items):
         rng = np.random.default_rng(args.split_seed)
         items = [items[i] for i in sorted(rng.choice(len(items), args.max_items, replace=False))]
-    features = petune.vision.extract_features([it["image"] for it in items], grid=args.features == "grid",
+    features = petune.vision.extract_features([it["image"] for it in items], grid=grid_option(args),
                                               cache_dir=cache)
     ids = [it["id"] for it in items]
     train, val, test = split_ids(ids, seed=args.split_seed, fractions=(0.7, 0.1, 0.2))
@@ -183,14 +201,17 @@ def train_row(method, args, data, state, out_dir, resume_from):
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     tuned = petune.attach(model, method, **OPTIONS[method])
-    petune.vision.add_visual(tuned, backbone="efficientnet-lite0", grid=args.features == "grid")
+    petune.vision.add_visual(tuned, backbone="efficientnet-lite0", grid=grid_option(args))
+    if args.head_dim:
+        petune.add_projection_head(tuned, args.head_dim, seed=args.seed)
     if state.is_main_process:
         print(tuned.trainable_report())
     items, train = data["items"], data["splits"]["train"]
     itm = [{"a": "", "image_a": items[i]["features"], "b": items[i]["text"]} for i in train]
     cls = [{"text": "", "image": items[i]["features"], "label": items[i]["category"]} for i in train]
-    d_model = petune.models.d_model(tuned.base_model)
-    tasks = [Task("itm", itm, PairCollator(tokenizer, max_length=32, prefix_a=IMAGE_PREFIX), PairLoss(args.pooling),
+    d_model = args.head_dim or petune.models.d_model(tuned.base_model)  # the pooled size the head gives
+    tasks = [Task("itm", itm, PairCollator(tokenizer, max_length=32, prefix_a=IMAGE_PREFIX),
+                  PairLoss(args.pooling, mini_batch_size=args.mini_batch_size),
                   batch_size=args.batch_size, drop_last=True),
              Task("category", cls, ClassificationCollator(tokenizer, data["categories"], max_length=32,
                                                           prefix=IMAGE_PREFIX),
@@ -198,6 +219,8 @@ def train_row(method, args, data, state, out_dir, resume_from):
     started = time.time()
     history = Trainer(tuned, tasks, epochs=args.epochs, lr=args.lr or LR[method], seed=args.seed,
                       output_dir=out_dir / method, checkpoint_every=args.checkpoint_every,
+                      param_groups={"visual": {"lr": args.visual_lr}} if args.visual_lr else None,
+                      first_stage_steps=args.first_stage_steps,
                       progress=state.is_main_process).fit(resume_from=resume_from)
     return tuned, tokenizer, history, time.time() - started
 
@@ -243,7 +266,10 @@ def main(job):
     if state.is_main_process:
         results, sections = score(data, systems)
         summary = {"command": job.command,
-                   "dataset": args.dataset, "features": args.features, "pooling": args.pooling, "epochs": args.epochs,
+                   "dataset": args.dataset, "features": args.features, "grid_size": args.grid_size,
+                   "mini_batch_size": args.mini_batch_size, "visual_lr": args.visual_lr,
+                   "first_stage_steps": args.first_stage_steps, "head_dim": args.head_dim,
+                   "pooling": args.pooling, "epochs": args.epochs,
                    "batch_size": args.batch_size, "seed": args.seed, "split_seed": args.split_seed,
                    "processes": state.num_processes, "items": len(data["items"]),
                    "splits": {k: len(v) for k, v in split.items()}, "rows": rows, "results": results,

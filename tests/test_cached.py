@@ -1,6 +1,7 @@
 """The cached contrastive losses (GradCache): same value and gradient as the uncached loss on the
 same batch, for every method with a visual embedding, dropout included, through the Trainer."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,30 @@ def test_mini_batch_size_errors():
     for bad in (0, -2, 1.5):
         with pytest.raises(ValueError, match="mini_batch_size"):
             DPRLoss(mini_batch_size=bad)
+
+
+def test_projection_head_trains_saves_and_encodes(tmp_path):
+    """A projection head after pooling: identity at d_model (the embeddings do not change until it
+    trains), [batch, dim] otherwise; the cached loss trains it exactly; save / load keep it."""
+    tuned = tuned_model("lora", {"r": 2}).eval()
+    texts = ["a short one", "another text"]
+    plain = petune.encode(tuned, Tok(), texts, progress=False)
+    petune.add_projection_head(tuned)
+    assert np.allclose(petune.encode(tuned, Tok(), texts, progress=False), plain, atol=1e-6)
+    assert "projection head" in str(tuned.trainable_report())
+    tuned = petune.add_projection_head(tuned_model("lora", {"r": 2}).eval(), dim=8, seed=0)
+    assert petune.encode(tuned, Tok(), texts, progress=False).shape == (2, 8)
+    batch = retrieval_batch()
+    uncached = grads(tuned, DPRLoss(), batch)
+    assert_same(grads(tuned, DPRLoss(mini_batch_size=2), batch), uncached)
+    assert any(k.startswith("petune_head.") for k in uncached[1])
+    path = petune.save(tuned, tmp_path / "s")
+    loaded = petune.load(tiny("t5"), path).eval()
+    assert np.allclose(petune.encode(loaded, Tok(), texts, progress=False),
+                       petune.encode(tuned, Tok(), texts, progress=False), atol=1e-6)
+    with pytest.raises(ValueError, match="already has a projection head"):
+        petune.add_projection_head(tuned)
+    with pytest.raises(ValueError, match="dim must be a positive integer"):
+        petune.add_projection_head(tuned_model("lora", {"r": 2}), dim=0)
+    with pytest.raises(ValueError, match="projection head is not part of any transformers"):
+        petune.export(tuned, tmp_path / "e")

@@ -476,12 +476,19 @@ def test_vision_recipe_tuxpaint_missing_exits_with_instructions(tmp_path):
 
 @pytest.mark.multiproc
 def test_vision_recipe_two_processes(vision_run, tmp_path):
-    """The projection-only row under 2 processes, reading the features the first run cached."""
+    """The projection-only row under 2 processes, reading the features the first run cached (its
+    grid, pooled to 2 x 2 cells), with the vision levers on: the cached loss, the visual
+    embedding's own learning rate, a first stage and a projection head."""
+    import petune
+
     done = torchrun("vision.py", *VISION_QUICK, "--method", "none", "--batch-size", "8",
-                    "--cache-dir", str(vision_run / "cache"),
+                    "--features", "grid", "--grid-size", "2", "--mini-batch-size", "4", "--visual-lr", "0.005",
+                    "--first-stage-steps", "1", "--head-dim", "64", "--cache-dir", str(vision_run / "cache"),
                     "--output-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "reusing cached features of 80 of 80 images" in done.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["processes"] == 2 and list(report["rows"]) == ["visual only"]
     assert set(report["results"]["image→text"]["scores"]) == {"probe", "visual only"}
-    assert (tmp_path / "none" / "tuned" / "petune.json").exists()
+    config = petune.read_config(tmp_path / "none" / "tuned")
+    assert config["parts"]["visual"]["options"]["grid"] == 2 and config["parts"]["head"]["options"]["dim"] == 64
