@@ -311,7 +311,8 @@ def overhead_section(out: Path) -> list[str]:
                                                    f"{ex['median_seconds']['tuned']:.2f} | {interval(ex)} |"
                                                    if ex else "not exportable (petune.save / petune.load) | |"))
         lines.append("")
-    for name, module in (("kb_scale.json", "kb_scale"), ("encode_speed.json", "encode_speed")):
+    for name, module in (("kb_scale.json", "kb_scale"), ("encode_speed.json", "encode_speed"),
+                         ("cached_loss.json", "cached_loss")):
         if (out / name).exists():  # each benchmark renders its own section
             lines += importlib.import_module(module).section(json.loads((out / name).read_text()))
     if (out / "sharded_encode.json").exists():

@@ -107,3 +107,13 @@ def test_kb_scale_quick_measures_stages_and_renders_its_section(tmp_path):
     assert set(row) == {"encode", "exact_search", "bm25_index"}
     assert row["encode"]["peak"] >= row["encode"]["base"] > 0 and row["bm25_index"]["index_bytes"] > 0
     assert (tmp_path / "work" / "store-2000" / "manifest.json").exists()
+
+
+def test_cached_loss_section_renders_the_committed_measurements():
+    """benchmarks/RESULTS.md's cached-loss table comes from benchmarks/cached_loss.json as committed."""
+    cached_loss = script("benchmarks/cached_loss.py")
+    result = json.loads((ROOT / "benchmarks" / "cached_loss.json").read_text())
+    lines = cached_loss.section(result)
+    assert {r["batch"] for r in result["rows"]} == {32, 128, 512}
+    assert "| 512 | – | – |" in "\n".join(lines)  # the plain B = 512 is not run, and says why
+    assert "\n".join(lines[:9]) in (ROOT / "benchmarks" / "RESULTS.md").read_text()
