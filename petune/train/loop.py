@@ -72,7 +72,7 @@ class Trainer:
     Raises:
         ValueError: no tasks, duplicate task names, a task the model has no module for, bad
             numbers, a parameter group the model does not have; at :meth:`fit`, a checkpoint from
-            another method, model, task list, seed or stage schedule.
+            another method, model, task list, seed, stage schedule or parameter groups.
         FloatingPointError: the loss is NaN/inf at the very first step (later ones are skipped
             and counted in ``history["skipped_steps"]``).
     """
@@ -222,6 +222,8 @@ class Trainer:
             fingerprint["repeats"] = repeats
         if self.first_stage_steps:
             fingerprint["first_stage"] = [self.first_stage_steps, list(self.first_stage_train)]
+        if self.param_groups:  # the optimizer's state has one entry per group
+            fingerprint["param_groups"] = json.loads(json.dumps(self.param_groups))
         return fingerprint
 
     def save_checkpoint(self) -> Path:
