@@ -383,8 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"subset of {list(ROWS)}")
-    parser.add_argument("--max-articles", type=int, default=600)
-    parser.add_argument("--max-questions", type=int, default=300)
+    parser.add_argument("--max-articles", type=int, help="BBC articles (default 600; --quick: 120)")
+    parser.add_argument("--max-questions", type=int, help="ChatterBot questions (default 300; --quick: 80)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--body-chars", type=int, default=600)
@@ -408,8 +408,10 @@ def parse_args(argv=None):
     if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
     if args.quick:
-        args.seeds, args.max_articles, args.max_questions = [0], 120, 80
+        args.seeds = [0]
         args.body_chars, args.passage_length, args.eval_length, args.throughput_texts = 300, 48, 64, 32
+    args.max_articles = args.max_articles or (120 if args.quick else 600)
+    args.max_questions = args.max_questions or (80 if args.quick else 300)
     return args
 
 
