@@ -11,7 +11,7 @@ import torch
 
 from .cache import Cache, fingerprint, texts_fingerprint, weights_fingerprint
 from .models import encoder_config
-from .regions import RegionInputs
+from .regions import RegionInputs, images_digest
 from .tuned import TunedModel, base_of, is_task_list
 
 POOLINGS = ("mean", "first", "decoder")
@@ -323,7 +323,7 @@ def keyed_options(model, tokenizer, options: dict) -> dict:
     if isinstance(model, TunedModel) and options["task"] is None:
         options["task"] = model.active_task
     if options["images"] is not None:
-        options["images"] = RegionInputs(options["images"]).digest()
+        options["images"] = images_digest(options["images"])
     return options
 
 

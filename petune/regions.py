@@ -143,8 +143,7 @@ def images_digest(images) -> str:
 
 class RegionInputs:
     """One call's region entries (one per example: ``None``, an image's features, or a list of
-    them), prepared once: how many tokens each row adds, the padded batch of any rows, and the
-    digest the embeddings cache keys them by.
+    them), prepared once: how many tokens each row adds and the padded batch of any rows.
 
     Raises:
         ValueError: an entry of a bad shape (see :func:`regions`).
@@ -154,15 +153,6 @@ class RegionInputs:
         self.entries = list(entries)
         self.counts = [num_regions(e) for e in self.entries]
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def batch(self, rows, device=None) -> dict[str, torch.Tensor]:
         """:func:`image_batch` of the given rows."""
         return image_batch([self.entries[i] for i in rows], device)
-
-    def take(self, rows) -> "RegionInputs":
-        return RegionInputs([self.entries[i] for i in rows])
-
-    def digest(self) -> str:
-        return images_digest(self.entries)

@@ -220,7 +220,15 @@ def extract_features(images, backbone=DEFAULT_BACKBONE, *, grid: bool | int = Fa
     extractor = feature_extractor(backbone)
     if not isinstance(grid, (bool, int)) or (not isinstance(grid, bool) and grid < 1):
         raise ValueError(f"grid must be False, True or a positive integer k (k x k cells), got {grid!r}")
-    which = "grid" if grid is not False else "pooled"
+    from ..regions import pool_grid
+
+    def pick(entry) -> np.ndarray:
+        """The requested features of one image's cache entry (k x k cells pooled per image, so no
+        full grid of the whole call is held)."""
+        if grid is True or grid is False:
+            return entry["grid" if grid else "pooled"]
+        return pool_grid(entry["grid"], grid)
+
     out: list = [None] * len(images)
     folder = Path(cache_dir) / "image-features" / extractor.key if cache_dir is not None else None
     todo = list(range(len(images)))
@@ -230,7 +238,7 @@ def extract_features(images, backbone=DEFAULT_BACKBONE, *, grid: bool | int = Fa
         for i in todo:
             file = folder / f"{digests[i]}.safetensors"
             if file.exists():
-                out[i] = load_file(file)[which]
+                out[i] = pick(load_file(file))
         todo = [i for i in todo if out[i] is None]
         if len(todo) < len(images):
             log.info("reusing cached features of %d of %d images from %s", len(images) - len(todo), len(images), folder)
@@ -242,15 +250,10 @@ def extract_features(images, backbone=DEFAULT_BACKBONE, *, grid: bool | int = Fa
             pooled, cells = pooled.cpu().numpy(), cells.cpu().numpy()
             for k, i in enumerate(idx):
                 entry = {"pooled": np.ascontiguousarray(pooled[k]), "grid": np.ascontiguousarray(cells[k])}
-                out[i] = entry[which]
+                out[i] = pick(entry)
                 if folder is not None:
                     atomic_write(folder / f"{digests[i]}.safetensors",
                                  lambda f, e=entry: f.write(save(e)))
             bar.update(len(idx))
-    out = np.stack(out).astype(np.float32, copy=False)
-    if grid is not True and grid is not False:  # k x k cells, pooled from the cached full grid
-        from ..regions import pool_grid
-
-        out = pool_grid(out, grid)
-    return out
+    return np.stack(out).astype(np.float32, copy=False)
 
