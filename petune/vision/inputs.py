@@ -44,9 +44,3 @@ def _is_image(x) -> bool:
     if isinstance(x, (str, os.PathLike)):
         return True
     return type(x).__module__.startswith("PIL.")
-
-
-def _is_image(x) -> bool:
-    if isinstance(x, (str, os.PathLike)):
-        return True
-    return type(x).__module__.startswith("PIL.")
