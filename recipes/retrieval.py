@@ -32,9 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_run_args, cache_dir,
-                                dense_run, job_main, load_model, method_options, start_run, write_model_card,
-                                write_report)
+from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_mini_batch_arg,
+                                add_run_args, cache_dir, dense_run, job_main, load_model, method_options, start_run,
+                                write_model_card, write_report)
 
 log = logging.getLogger("retrieval")
 METRICS = ["mrr@10", "ndcg@10", "recall@100"]
@@ -51,6 +51,7 @@ def parse_args(argv=None):
     add_method_args(parser)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32, help="examples per batch and process")
+    add_mini_batch_arg(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--similarity", default="cosine", choices=["cosine", "dot"],
                         help="cosine: normalised embeddings, scores times --scale in the loss; dot: inner product")
@@ -221,7 +222,7 @@ def main(job):
     collate = RetrievalCollator(tokenizer, query_max_length=args.query_length,
                                 passage_max_length=args.train_passage_length, query_prefix=args.query_prefix,
                                 passage_prefix=args.passage_prefix)
-    loss = DPRLoss(scale=args.scale if normalize else None)
+    loss = DPRLoss(scale=args.scale if normalize else None, mini_batch_size=args.mini_batch_size)
     task = Task("retrieval", examples, collate, loss, batch_size=min(args.batch_size, len(examples)), drop_last=True)
     select = dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state)
     steps_per_epoch = max(1, len(examples) // (task.batch_size * state.num_processes))

@@ -47,7 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_run_args,  # noqa: E402
+from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_mini_batch_arg, add_run_args,  # noqa: E402
                                 cache_dir, dense_run, job_main, load_model, method_options, start_run, write_report)
 from petune.data import viquae  # noqa: E402
 from petune.score import BM25, compare, p_values, report_markdown  # noqa: E402
@@ -71,6 +71,7 @@ def parse_args(argv=None):
     add_method_args(parser)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    add_mini_batch_arg(parser, rows="questions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bm25-k1", type=float, default=0.5)
     parser.add_argument("--bm25-b", type=float, default=0.3)
@@ -175,8 +176,8 @@ def main(job):
         if not examples:
             raise JobError(f"no training examples for {name} (no question has both a relevant passage and a "
                            "BM25 hard negative)")
-        task = Task(name, examples, collate, DPRLoss(), batch_size=min(args.batch_size, len(examples)),
-                    drop_last=True)
+        loss = DPRLoss(mini_batch_size=args.mini_batch_size)
+        task = Task(name, examples, collate, loss, batch_size=min(args.batch_size, len(examples)), drop_last=True)
         histories[name] = Trainer(tuned, [task], epochs=epochs, lr=args.lr, seed=args.seed,
                                   output_dir=out_dir / name, checkpoint_every=args.checkpoint_every
                                   ).fit(resume_from=resume_from)

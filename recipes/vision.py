@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from petune.jobs.common import (JobError, add_run_args, cache_dir, job_main, load_model, start_run,  # noqa: E402
+from petune.jobs.common import (JobError, add_mini_batch_arg, add_run_args, cache_dir, job_main, load_model, start_run,  # noqa: E402
                                 write_report)
 from petune.data.packaged import split_ids  # noqa: E402
 from petune.embed import encode_sharded  # noqa: E402
@@ -69,8 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--grid-size", type=int, help="with --features grid: average the 7x7 grid into K x K "
                         "cells (K*K visual tokens, each with its box; 2 or 3 keep some layout at a fraction of "
                         "the cost)")
-    parser.add_argument("--mini-batch-size", type=int, help="cached contrastive loss (GradCache): embed this many "
-                        "pairs at a time, so --batch-size (the in-batch negatives) can grow past what fits")
+    add_mini_batch_arg(parser, rows="pairs")
     parser.add_argument("--visual-lr", type=float, help="learning rate of the visual embedding (default: the "
                         "method's)")
     parser.add_argument("--first-stage-steps", type=int, default=0, help="train only the visual embedding (and "

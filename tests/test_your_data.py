@@ -133,13 +133,14 @@ def test_labelled_texts_bad_input(tmp_path):
 
 def test_retrieval_job_on_a_beir_directory(tmp_path):
     """One command: BM25, frozen and tuned on the test split with significance marks; dev chooses
-    the epoch; bad data exits 2 before anything is written."""
+    the epoch; the cached loss (mini-batches of 4 of each batch of 6) trains; bad data exits 2
+    before anything is written."""
     retrieval = script("recipes/retrieval.py")
 
     root = bbc_beir(tmp_path / "bbc")
     out = tmp_path / "run"
-    args = ["--beir", str(root), "--method", "lora", "--epochs", "2", "--batch-size", "6", "--passage-length", "96",
-            "--train-passage-length", "64", "--output-dir", str(out)]
+    args = ["--beir", str(root), "--method", "lora", "--epochs", "2", "--batch-size", "6", "--mini-batch-size", "4",
+            "--passage-length", "96", "--train-passage-length", "64", "--output-dir", str(out)]
     assert retrieval.main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["scores"]) == {"BM25", "frozen", "lora"}

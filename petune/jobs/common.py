@@ -37,6 +37,14 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help=f"learning rate (default per method: {DEFAULT_LR})")
 
 
+def add_mini_batch_arg(parser: argparse.ArgumentParser, rows: str = "examples") -> None:
+    """``--mini-batch-size M``: the contrastive loss cached (GradCache, ``DPRLoss`` / ``PairLoss``
+    ``mini_batch_size``), so ``--batch-size`` (the in-batch negatives) can grow past one forward."""
+    parser.add_argument("--mini-batch-size", type=int, help=f"cached contrastive loss (GradCache): embed this many "
+                        f"{rows} at a time, the same gradient as the whole batch at once in the memory of M; "
+                        "--batch-size (the in-batch negatives) can then grow past what one forward holds")
+
+
 def add_run_args(parser: argparse.ArgumentParser, checkpoint_every: int) -> None:
     g = parser.add_argument_group("resuming and caching")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir "

@@ -22,7 +22,7 @@ from ..data.packaged import bbc_news, bbc_retrieval, chatterbot_qa, split_ids
 from ..embed import POOLINGS, encode_sharded
 from ..score import BM25, DenseIndex, compare, knn_scores, p_values, report_markdown
 from ..train import ClassificationCollator, ClassificationLoss, DPRLoss, RetrievalCollator, Task
-from .common import DEFAULT_LR, add_method_args, add_run_args
+from .common import DEFAULT_LR, add_method_args, add_mini_batch_arg, add_run_args
 
 log = logging.getLogger("offline")
 METRICS = ["mrr@10", "precision@1", "recall@10", "ndcg@10"]
@@ -46,6 +46,7 @@ class OfflineOptions:
     lr: float
     epochs: int
     batch_size: int
+    mini_batch_size: int | None
     repeat: dict[str, int]
     seed: int
     split_seed: int
@@ -79,6 +80,7 @@ def parse_options(argv=None, description: str | None = None) -> OfflineOptions:
     add_method_args(parser)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32, help="examples per batch (every task)")
+    add_mini_batch_arg(parser)
     parser.add_argument("--repeat", nargs="+", default=["qa=2"], metavar="TASK=N",
                         help="passes over a task's data per epoch (upsampling in the round-robin schedule; "
                         "tasks: news, topic, qa; a task not named gets 1). Default: qa=2, the small task twice")
@@ -192,7 +194,7 @@ def build_data(opts: OfflineOptions, cache=None):
 def retrieval_loss(opts: OfflineOptions) -> DPRLoss:
     """The DPR loss of --similarity: inner product, or cosine times --scale."""
     return DPRLoss(opts.pooling, scale=opts.scale if opts.similarity == "cosine" else None,
-                   mask_false_negatives=opts.mask_false_negatives)
+                   mask_false_negatives=opts.mask_false_negatives, mini_batch_size=opts.mini_batch_size)
 
 
 def build_tasks(opts: OfflineOptions, data, tokenizer, d_model: int) -> list[Task]:
