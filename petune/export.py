@@ -128,8 +128,9 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
     if format == "sentence-transformers" and tokenizer is None:
         raise ValueError("format='sentence-transformers' needs the tokenizer: export(..., tokenizer=tok)")
     if tuned.extra_parts:
-        labels = ", ".join(part.label for part in tuned.extra_parts.values())
-        raise ValueError(f"the {labels} is not part of any transformers architecture; save with "
+        labels = [f"the {part.label}" for part in tuned.extra_parts.values()]
+        named = labels[0] + " is" if len(labels) == 1 else ", ".join(labels[:-1]) + f" and {labels[-1]} are"
+        raise ValueError(f"{named} not part of any transformers architecture; save with "
                          "petune.save(tuned, path) and load with petune.load(model, path)")
     module = tuned.module_for(task)
     plain = tuned.method.merged(tuned.model, module)

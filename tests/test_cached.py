@@ -177,5 +177,7 @@ def test_projection_head_trains_saves_and_encodes(tmp_path):
         petune.add_projection_head(tuned)
     with pytest.raises(ValueError, match="dim must be a positive integer"):
         petune.add_projection_head(tuned_model("lora", {"r": 2}), dim=0)
-    with pytest.raises(ValueError, match="projection head is not part of any transformers"):
+    with pytest.raises(ValueError, match="the visual embedding and the projection head are not part of any "):
         petune.export(tuned, tmp_path / "e")
+    with pytest.raises(ValueError, match="the visual embedding is not part of any transformers architecture"):
+        petune.export(tuned_model("lora", {"r": 2}), tmp_path / "v")
