@@ -415,8 +415,8 @@ def parse_args(argv=None):
     return args
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.one:
         seed = args.seeds[0]
@@ -426,7 +426,7 @@ def main():
     if not args.summary_only:
         import torch
 
-        meta = {"command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+        meta = {"command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
                            f"torch {torch.__version__}, Python {platform.python_version()}",

@@ -145,13 +145,15 @@ def test_compare_p_values_identical_across_processes():
             "from petune.score import compare, report_markdown; qrels, runs = near_threshold_runs(); "
             "r = compare(qrels, runs, metrics=['mrr@10', 'precision@1']); "
             "print(json.dumps([r.comparisons['a', 'b'][m]['p_value'] for m in r.metrics] + [report_markdown(r)]))")
+    here = str(Path(__file__).parent)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "NUMBA_NUM_THREADS": threads, "PYTHONPATH": here})
+             for threads in ("1", "2")]  # side by side: each mostly waits for its imports
     outputs = []
-    for threads in ("1", "2"):
-        env = {**os.environ, "NUMBA_NUM_THREADS": threads, "PYTHONPATH": str(Path(__file__).parent)}
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                              text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-2000:]
+        outputs.append(json.loads(stdout.strip().splitlines()[-1]))
     assert outputs[0] == outputs[1]
     assert 0.005 < outputs[0][0] < 0.02  # near the threshold, where a flip would show
 
