@@ -141,10 +141,9 @@ def scored_data(args) -> dict:
 def summarise(args) -> None:
     """Read benchmarks/runs/*.json; write RESULTS.md, results.tex, results.json and the plots."""
     import numpy as np
-    from ranx import Run
 
     from petune.jobs import offline
-    from petune.score import compare
+    from petune.score import compare, make_run
 
     data = scored_data(args)
     runs = {}
@@ -170,8 +169,9 @@ def summarise(args) -> None:
             test = tests[task]
             mrr, rec, wins_frozen, wins_bm25 = [], [], 0, 0
             for r in rows:
-                report = compare(test.qrels, {"system": Run(r["runs"][task]), "frozen": Run(frozen["runs"][task]),
-                                              "BM25": bm25_runs[task]}, metrics=["mrr@10", "recall@10"])
+                report = compare(test.qrels, {"system": make_run(r["runs"][task]),
+                                              "frozen": make_run(frozen["runs"][task]), "BM25": bm25_runs[task]},
+                                 metrics=["mrr@10", "recall@10"])
                 mrr.append(report.results["system"]["mrr@10"])
                 rec.append(report.results["system"]["recall@10"])
                 wins_frozen += name != "frozen" and significant_win(report, "frozen")

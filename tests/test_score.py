@@ -90,6 +90,33 @@ def test_evaluate_known_values_and_coverage_warnings():
         make_qrels({"q": {"d": 0}})
 
 
+def test_runs_and_qrels_equal_ranx_own_and_share_one_compile_per_id_width():
+    from numba import typeof
+    from ranx import Qrels, Run
+    from ranx.data_structures.common import create_and_sort
+
+    from petune.score.retrieval import _id_width
+
+    data = {"q2": {"doc-7": 0.5, "d1": 0.9, "a-much-longer-document-id-x": 0.7}, "q1": {"d1": 0.1}}
+    ours, theirs = make_run(data, name="r"), Run(data, name="r")
+    assert ours.name == "r" and ours.sorted
+    assert ours.to_dict() == theirs.to_dict()  # same scores, same (sorted) order
+    assert list(ours.keys()) == list(theirs.keys())
+    # ranx types a run by its longest id ([unichr x 27] here), so every kernel downstream compiles
+    # again per id length; ours share one type per width class
+    assert typeof(ours.run) == typeof(make_run({"q": {"d" * 20: 1.0}}).run) != typeof(theirs.run)
+    qrels = {"q1": {"d1": 1}, "q2": {"doc-7": 2}}
+    assert make_qrels(qrels).to_dict() == Qrels(qrels).to_dict()
+    assert evaluate(qrels, ours, "mrr@10") == evaluate(qrels, theirs, "mrr@10")
+    assert [_id_width([["x" * n]]) for n in (1, 16, 17, 33, 64, 65)] == [16, 16, 32, 64, 64, 128]
+    assert _id_width([[]]) == 16 and len(make_run({}).to_dict()) == 0
+    # ids of 3 and of 11 characters fall in one width: one compiled signature, not two
+    make_run({"q": {"abc": 1.0}})
+    compiled = len(create_and_sort.signatures)
+    make_run({"q": {"abcdefghijk": 1.0}})
+    assert len(create_and_sort.signatures) == compiled
+
+
 def test_compare_fisher_report():
     rng = np.random.default_rng(0)
     qrels = {f"q{i}": {f"d{i}": 1} for i in range(60)}

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..cache import Cache, fingerprint, texts_fingerprint
 from ..data.stream import RowIds, collection_size, column_rows, text_batches
+from .retrieval import ranx_run
 
 INDEX_META = "petune_bm25.json"
 
@@ -245,8 +246,6 @@ class BM25:
 
         ``k`` larger than the collection warns and returns every matching document.
         """
-        from ranx import Run
-
         if not queries:
             raise ValueError("no queries to search")
         key = run = None
@@ -265,7 +264,7 @@ class BM25:
         if empty:
             warnings.warn(f"{len(empty)} queries share no term with any document (e.g. {empty[:3]}); "
                           "they retrieve nothing and score 0", stacklevel=2)
-        return Run(run, name=name)
+        return ranx_run(run, name=name)
 
     def _search(self, queries: dict[str, str], k: int) -> dict[str, dict[str, float]]:
         self._index()

@@ -127,8 +127,6 @@ class DenseIndex:
         Raises:
             ValueError: query dimension differs from the index, NaN/inf, ids that do not match.
         """
-        from ranx import Run
-
         q = check_embeddings(queries, "query embeddings", dim=self.dim)
         query_ids = _check_ids(query_ids, len(q), "query ids")
         k = _clamp_k(k, len(self))
@@ -139,7 +137,7 @@ class DenseIndex:
                 scores = -scores
             for qid, row_scores, row_idx in zip(query_ids[start:start + batch_size], scores, idx):
                 run[qid] = {self.ids[j]: float(s) for s, j in zip(row_scores, row_idx) if j >= 0}
-        return Run(run)
+        return ranx_run(run)
 
     def save(self, path) -> Path:
         """Write ``index.faiss`` and ``ids.json`` to the directory ``path`` (built beside it and
@@ -172,6 +170,48 @@ class DenseIndex:
         return self
 
 
+def _id_width(docs: list[list[str]]) -> int:
+    """numpy string width for the document ids: the longest, rounded up to a power of two ≥ 16.
+
+    ranx builds each run from a ``<U{longest id}`` array, and numba compiles ranx's kernels again
+    for every new width (about 6 s per width and kernel in each process, until numba's on-disk
+    cache holds it). Rounding the width keeps that to a few compiles per installation
+    (scripts/compile_ranx.py makes them at setup); the ids themselves do not change."""
+    longest = max((len(i) for ids in docs for i in ids), default=1)
+    return max(16, 1 << (longest - 1).bit_length())
+
+
+def _ranx_build(cls, data: dict, name: str | None, dtype):
+    """``ranx.Run`` / ``ranx.Qrels`` from ``{query_id: {doc_id: value}}`` (str ids), as their
+    constructor builds it — through ranx's own ``create_and_sort`` — with :func:`_id_width`'s width."""
+    from numba.typed import List as TypedList
+    from ranx.data_structures.common import create_and_sort
+
+    built = cls(name=name)
+    if not data:
+        return built
+    docs = [list(d) for d in data.values()]
+    width = _id_width(docs)
+    table = create_and_sort(TypedList(list(data)),
+                            TypedList([np.array(ids, dtype=f"<U{width}") for ids in docs]),
+                            TypedList([np.array(list(d.values()), dtype=dtype) for d in data.values()]))
+    if cls.__name__ == "Qrels":
+        built.qrels = table
+    else:
+        built.run = table
+    built.sorted = True
+    return built
+
+
+def ranx_run(run: dict, name: str | None = None):
+    """``{query_id: {doc_id: score}}`` (str ids, float scores) → ``ranx.Run``, equal to
+    ``ranx.Run(run, name=name)`` but compiled once per id-width class instead of once per id
+    length (see :func:`_id_width`). Every run petune makes is built here."""
+    from ranx import Run
+
+    return _ranx_build(Run, run, name, float)
+
+
 def make_qrels(qrels: dict):
     """``{query_id: {doc_id: relevance}}`` → ``ranx.Qrels`` (relevance: positive int)."""
     from ranx import Qrels
@@ -181,14 +221,12 @@ def make_qrels(qrels: dict):
     clean = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in qrels.items()}
     if not any(r > 0 for docs in clean.values() for r in docs.values()):
         raise ValueError("qrels has no positive relevance judgement")
-    return Qrels(clean)
+    return _ranx_build(Qrels, clean, None, int)
 
 
 def make_run(run: dict, name: str | None = None):
     """``{query_id: {doc_id: score}}`` → ``ranx.Run``."""
-    from ranx import Run
-
-    return Run({str(q): {str(d): float(s) for d, s in docs.items()} for q, docs in run.items()}, name=name)
+    return ranx_run({str(q): {str(d): float(s) for d, s in docs.items()} for q, docs in run.items()}, name=name)
 
 
 def _as_qrels(qrels):
@@ -200,10 +238,8 @@ def _as_qrels(qrels):
 def _comparable(qrels, run, strict: bool):
     """Check coverage, then a copy of ``run`` restricted to the judged queries (ranx's
     ``make_comparable`` edits the run in place; the caller's run stays as it was)."""
-    from ranx import Run
-
     _check_coverage(qrels, run, strict)
-    return Run(run.to_dict(), name=run.name).make_comparable(qrels)
+    return ranx_run(run.to_dict(), name=run.name).make_comparable(qrels)
 
 
 def _check_coverage(qrels, run, strict: bool) -> None:

@@ -15,17 +15,15 @@ import logging
 
 import numpy as np
 
-from .retrieval import DenseIndex, _check_ids, _clamp_k, _metric, check_embeddings
+from .retrieval import DenseIndex, _check_ids, _clamp_k, _metric, check_embeddings, ranx_run
 
 log = logging.getLogger(__name__)
 
 
 def _to_run(scores, rows, query_ids, ids, metric: str):
-    from ranx import Run
-
     if metric == "l2":
         scores = -scores
-    return Run({qid: {ids[int(j)]: float(s) for s, j in zip(row_scores, row_idx) if j >= 0}
+    return ranx_run({qid: {ids[int(j)]: float(s) for s, j in zip(row_scores, row_idx) if j >= 0}
                 for qid, row_scores, row_idx in zip(query_ids, scores, rows)})
 
 
