@@ -47,8 +47,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_mini_batch_arg, add_run_args,  # noqa: E402
-                                cache_dir, dense_run, job_main, load_model, method_options, start_run, write_report)
+from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_mini_batch_arg,  # noqa: E402
+                                add_run_args, cache_dir, dense_run, job_main, load_model, method_options, start_run,
+                                write_report)
 from petune.data import viquae  # noqa: E402
 from petune.score import BM25, compare, p_values, report_markdown  # noqa: E402
 from petune.train import DPRLoss, RetrievalCollator, Task, Trainer  # noqa: E402

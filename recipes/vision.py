@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from petune.jobs.common import (JobError, add_mini_batch_arg, add_run_args, cache_dir, job_main, load_model, start_run,  # noqa: E402
-                                write_report)
+from petune.jobs.common import (JobError, add_mini_batch_arg, add_run_args, cache_dir, job_main,  # noqa: E402
+                                load_model, start_run, write_report)
 from petune.data.packaged import split_ids  # noqa: E402
 from petune.embed import encode_sharded  # noqa: E402
 from petune.score import DenseIndex, compare, knn_scores, p_values, report_markdown  # noqa: E402

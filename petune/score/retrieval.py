@@ -181,7 +181,7 @@ def _id_width(docs: list[list[str]]) -> int:
     return max(16, 1 << (longest - 1).bit_length())
 
 
-def _ranx_build(cls, data: dict, name: str | None, dtype):
+def _ranx_build(cls, table_attr: str, data: dict, name: str | None, dtype):
     """``ranx.Run`` / ``ranx.Qrels`` from ``{query_id: {doc_id: value}}`` (str ids), as their
     constructor builds it — through ranx's own ``create_and_sort`` — with :func:`_id_width`'s width."""
     from numba.typed import List as TypedList
@@ -195,10 +195,7 @@ def _ranx_build(cls, data: dict, name: str | None, dtype):
     table = create_and_sort(TypedList(list(data)),
                             TypedList([np.array(ids, dtype=f"<U{width}") for ids in docs]),
                             TypedList([np.array(list(d.values()), dtype=dtype) for d in data.values()]))
-    if cls.__name__ == "Qrels":
-        built.qrels = table
-    else:
-        built.run = table
+    setattr(built, table_attr, table)  # where ranx's own constructor keeps it: Run.run, Qrels.qrels
     built.sorted = True
     return built
 
@@ -209,7 +206,7 @@ def ranx_run(run: dict, name: str | None = None):
     length (see :func:`_id_width`). Every run petune makes is built here."""
     from ranx import Run
 
-    return _ranx_build(Run, run, name, float)
+    return _ranx_build(Run, "run", run, name, float)
 
 
 def make_qrels(qrels: dict):
@@ -221,7 +218,7 @@ def make_qrels(qrels: dict):
     clean = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in qrels.items()}
     if not any(r > 0 for docs in clean.values() for r in docs.values()):
         raise ValueError("qrels has no positive relevance judgement")
-    return _ranx_build(Qrels, clean, None, int)
+    return _ranx_build(Qrels, "qrels", clean, None, int)
 
 
 def make_run(run: dict, name: str | None = None):

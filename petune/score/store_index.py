@@ -24,7 +24,7 @@ def _to_run(scores, rows, query_ids, ids, metric: str):
     if metric == "l2":
         scores = -scores
     return ranx_run({qid: {ids[int(j)]: float(s) for s, j in zip(row_scores, row_idx) if j >= 0}
-                for qid, row_scores, row_idx in zip(query_ids, scores, rows)})
+                     for qid, row_scores, row_idx in zip(query_ids, scores, rows)})
 
 
 class ExactStoreIndex:
