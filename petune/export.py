@@ -41,7 +41,17 @@ def _sentence_transformers_encoder(plain):
                      f"loads those of {supported}); export with format='transformers' and encode with petune")
 
 
-def _write_sentence_transformers(tmp: Path, encoder, tokenizer, pooling, prefix, normalize, max_length) -> None:
+def _prompts(prefix: str, query_prefix: str | None, passage_prefix: str | None) -> tuple[dict, str | None]:
+    """sentence-transformers' ``prompts`` and ``default_prompt_name``: an asymmetric model's
+    ``query`` and ``document`` prompts (what ``encode_query`` / ``encode_document`` prepend), or one
+    default prompt for a symmetric one."""
+    if query_prefix is not None or passage_prefix is not None:
+        return {"query": query_prefix or "", "document": passage_prefix or ""}, None
+    return ({"default": prefix}, "default") if prefix else ({}, None)
+
+
+def _write_sentence_transformers(tmp: Path, encoder, tokenizer, pooling, prompts, default_prompt, normalize,
+                                 max_length) -> None:
     """The folder layout sentence-transformers (and the servers that read it) load: the encoder and
     tokenizer at the root, ``modules.json``, ``sentence_bert_config.json``, ``1_Pooling`` and
     ``2_Normalize`` (the classic names, which every sentence-transformers version reads)."""
@@ -68,7 +78,7 @@ def _write_sentence_transformers(tmp: Path, encoder, tokenizer, pooling, prefix,
                                   "pooling_mode_mean_sqrt_len_tokens": False},
         "config_sentence_transformers.json": {
             "__version__": {"pytorch": torch.__version__, "transformers": transformers.__version__},
-            "prompts": {"default": prefix} if prefix else {}, "default_prompt_name": "default" if prefix else None,
+            "prompts": prompts, "default_prompt_name": default_prompt,
             "similarity_fn_name": "cosine" if normalize else "dot"},
     }
     for name, value in files.items():
@@ -77,7 +87,8 @@ def _write_sentence_transformers(tmp: Path, encoder, tokenizer, pooling, prefix,
 
 def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = None, tokenizer=None,
            pooling: str = "mean", prefix: str = "", normalize: bool = False, max_length: int | None = None,
-           format: str = "transformers", scores_markdown: str | None = None, command: str | None = None) -> Path:
+           format: str = "transformers", scores_markdown: str | None = None, command: str | None = None,
+           query_prefix: str | None = None, passage_prefix: str | None = None) -> Path:
     """Write ``task``'s tuned model as a plain Hugging Face model directory.
 
     LoRA and (IA)^3 are merged into the base weights (peft's ``merge_and_unload``, on a copy: the
@@ -99,7 +110,10 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
     ``max_seq_length`` and ``prefix`` as the default prompt, so that
     ``SentenceTransformer(path).encode(texts)`` gives ``petune.encode``'s embeddings with these
     settings (tested within 1e-5 with sentence-transformers 5.7.0, an optional dependency:
-    ``pip install petune[serve]``; exporting does not need it).
+    ``pip install petune[serve]``; exporting does not need it). A retrieval model trained with a
+    query prefix and a passage prefix (the recipes' ``--query-prefix`` / ``--passage-prefix``)
+    gives them as ``query_prefix`` / ``passage_prefix``: they become the ``query`` and
+    ``document`` prompts, which ``encode_query`` and ``encode_document`` prepend.
 
     Both formats carry a model card, ``README.md`` (Hugging Face convention): base model, method,
     options, trainable parameters, tasks, the embedding settings, and ``scores_markdown`` with the
@@ -111,6 +125,8 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         max_length: input tokens; for sentence-transformers default the tokenizer's and the
             model's limit (what ``petune.encode`` caps to), at most 512.
         format: ``"transformers"`` or ``"sentence-transformers"``.
+        query_prefix, passage_prefix: an asymmetric retrieval model's prefixes (instead of
+            ``prefix``, which must then be empty).
 
     Returns:
         The directory.
@@ -127,6 +143,9 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if format == "sentence-transformers" and tokenizer is None:
         raise ValueError("format='sentence-transformers' needs the tokenizer: export(..., tokenizer=tok)")
+    if prefix and (query_prefix is not None or passage_prefix is not None):
+        raise ValueError("give prefix (one for every text) or query_prefix / passage_prefix, not both")
+    prompts, default_prompt = _prompts(prefix, query_prefix, passage_prefix)
     if tuned.extra_parts:
         labels = [f"the {part.label}" for part in tuned.extra_parts.values()]
         named = labels[0] + " is" if len(labels) == 1 else ", ".join(labels[:-1]) + f" and {labels[-1]} are"
@@ -138,6 +157,10 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
                 "method": tuned.method.name, "options": tuned.method.options, "task": task,
                 "model_class": type(plain).__name__}
     card_settings = {"pooling": pooling, "prefix": repr(prefix), "normalize": normalize, "max_length": max_length}
+    if default_prompt is None and prompts:
+        for side, value in (("query_prefix", prompts["query"]), ("passage_prefix", prompts["document"])):
+            settings[side], card_settings[side] = value, repr(value)
+        del settings["prefix"], card_settings["prefix"]
     if format == "sentence-transformers":
         from .embed import _max_length
 
@@ -145,8 +168,11 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         settings["max_length"] = card_settings["max_length"] = max_length = _max_length(
             plain, tokenizer, max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512))
         usage = ("from sentence_transformers import SentenceTransformer\n\n"
-                 f"model = SentenceTransformer({str(path)!r})\nvecs = model.encode(texts)  # [n, d]"
-                 + (", prefix applied as the default prompt" if prefix else ""))
+                 f"model = SentenceTransformer({str(path)!r})\n"
+                 + ("q = model.encode_query(queries)  # [n, d], the query prompt prepended\n"
+                    "d = model.encode_document(passages)  # [n, d], the document prompt prepended"
+                    if default_prompt is None and prompts else "vecs = model.encode(texts)  # [n, d]"
+                    + (", prefix applied as the default prompt" if prefix else "")))
     else:
         usage = ("from transformers import AutoModelForSeq2SeqLM\n\n"
                  f"model = AutoModelForSeq2SeqLM.from_pretrained({str(path)!r})\n"
@@ -155,7 +181,8 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
                       command=command, usage=usage)
     with atomic_dir(path) as tmp:
         if format == "sentence-transformers":
-            _write_sentence_transformers(tmp, encoder, tokenizer, pooling, prefix, normalize, max_length)
+            _write_sentence_transformers(tmp, encoder, tokenizer, pooling, prompts, default_prompt, normalize,
+                                         max_length)
         else:
             plain.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:

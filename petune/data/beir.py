@@ -20,15 +20,16 @@ of the collection.
 
 from __future__ import annotations
 
-import hashlib
 import os
+import warnings
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .files import DataError, jsonl_rows, require_file
+from .files import DataError, jsonl_rows, require_file, text_lines
+from .stream import id_hash
 
 SPLITS = ("train", "dev", "test")
 CORPUS_LINE = '{"_id": "d1", "title": "A title", "text": "The passage."}'
@@ -60,10 +61,6 @@ class BeirData:
         return {q: self.queries[q] for q in self.qrels.get(split, {})}
 
 
-def _id_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
 def _read_queries(path: Path) -> dict[str, str]:
     queries, line_of = {}, {}
     for number, row in jsonl_rows(path, {"_id": str, "text": str}, QUERY_LINE):
@@ -77,32 +74,44 @@ def _read_queries(path: Path) -> dict[str, str]:
 
 
 def _read_qrels(path: Path, queries: dict) -> tuple[dict, dict]:
-    """``({query: {doc: score}}, {doc: first line})`` of one qrels file."""
-    qrels, doc_lines = {}, {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if number == 1 and parts[0].strip().lower() in ("query-id", "query_id", "qid"):
-                continue  # BEIR's header
-            if len(parts) != 3:
-                raise DataError(path, number, f"{len(parts)} tab-separated fields, not 3",
-                                f"each line is query-id, corpus-id and score separated by tabs: {QRELS_LINE}")
-            qid, did, score = (p.strip() for p in parts)
-            try:
-                score = int(score)
-            except ValueError:
-                raise DataError(path, number, f"score {score!r} is not an integer",
-                                f"the third field is a relevance grade such as 1: {QRELS_LINE}") from None
-            if qid not in queries:
-                raise DataError(path, number, f"query-id {qid!r} is not in queries.jsonl",
-                                "add the query to queries.jsonl or drop the judgement")
-            qrels.setdefault(qid, {})[did] = score
-            doc_lines.setdefault(did, number)
-    if not any(s > 0 for docs in qrels.values() for s in docs.values()):
+    """``({query: {doc: score}}, {doc: first line})`` of one qrels file; queries without a
+    positive judgement are left out with a warning (BEIR's evaluation skips them: they cannot be
+    scored)."""
+    qrels, doc_lines, pair_lines = {}, {}, {}
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        parts = line.rstrip("\r\n").split("\t")
+        if number == 1 and parts[0].strip().lower() in ("query-id", "query_id", "qid"):
+            continue  # BEIR's header
+        if len(parts) != 3:
+            raise DataError(path, number, f"{len(parts)} tab-separated fields, not 3",
+                            f"each line is query-id, corpus-id and score separated by tabs: {QRELS_LINE}")
+        qid, did, score = (p.strip() for p in parts)
+        try:
+            score = int(score)
+        except ValueError:
+            raise DataError(path, number, f"score {score!r} is not an integer",
+                            f"the third field is a relevance grade such as 1: {QRELS_LINE}") from None
+        if qid not in queries:
+            raise DataError(path, number, f"query-id {qid!r} is not in queries.jsonl",
+                            "add the query to queries.jsonl or drop the judgement")
+        judged = qrels.setdefault(qid, {})
+        if did in judged and judged[did] != score:
+            raise DataError(path, number, f"query {qid!r} and document {did!r} are judged {score} here and "
+                            f"{judged[did]} on line {pair_lines[qid, did]}", "keep one judgement per pair")
+        judged[did] = score
+        pair_lines.setdefault((qid, did), number)
+        doc_lines.setdefault(did, number)
+    unjudged = sorted(q for q, docs in qrels.items() if not any(s > 0 for s in docs.values()))
+    if len(unjudged) == len(qrels):
         raise DataError(path, 0, "no positive judgement (score > 0)",
                         f"judge at least one relevant document per split, e.g. {QRELS_LINE}; or remove the file")
+    if unjudged:
+        warnings.warn(f"{path}: {len(unjudged)} queries have no positive judgement (e.g. {unjudged[:3]}); they are "
+                      "left out, as BEIR's evaluation leaves them out (they cannot be scored)", stacklevel=3)
+        for q in unjudged:
+            del qrels[q]
     return qrels, doc_lines
 
 
@@ -120,10 +129,10 @@ def _scan_corpus(path: Path, wanted: dict) -> int:
     hashes = array("Q")
     missing = set(wanted)
     for number, row in jsonl_rows(path, {"_id": str, "text": str}, CORPUS_LINE):
-        if not isinstance(row.get("title", ""), str):
+        if not isinstance(row.get("title") or "", str):  # null is no title, as the reader takes it
             raise DataError(path, number, f"'title' is a {type(row['title']).__name__}",
                             f"it must be text, e.g. {CORPUS_LINE}")
-        hashes.append(_id_hash(row["_id"]))
+        hashes.append(id_hash(row["_id"]))
         missing.discard(row["_id"])
     if not hashes:
         raise DataError(path, 0, "no documents", f"write one document per line, e.g. {CORPUS_LINE}")
@@ -131,7 +140,7 @@ def _scan_corpus(path: Path, wanted: dict) -> int:
     if (counts > 1).any():  # find the lines (rare path: a second read)
         clash, first = set(values[counts > 1].tolist()), {}
         for number, row in jsonl_rows(path, {"_id": str, "text": str}, CORPUS_LINE):
-            if _id_hash(row["_id"]) in clash:
+            if id_hash(row["_id"]) in clash:
                 if row["_id"] in first:
                     raise DataError(path, number, f"duplicate _id {row['_id']!r} (first on line {first[row['_id']]})",
                                     "give every document its own _id")
@@ -187,7 +196,7 @@ def load_beir(root: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
         _corpus_rows, gen_kwargs={"path": str(corpus_file.resolve()), "stamp": stamp},
         cache_dir=None if cache_dir is None else str(cache_dir),
         features=datasets.Features({"_id": datasets.Value("string"), "passage": datasets.Value("string")}),
-        fingerprint=f"beir-{_id_hash(stamp):016x}")
+        fingerprint=f"beir-{id_hash(stamp):016x}")
     return BeirData(root, corpus, queries, qrels)
 
 
@@ -196,9 +205,15 @@ def beir_from_hub(name_or_path: str, dest: str | os.PathLike, qrels_name: str | 
     ``BeIR/scifact-qrels``, the BEIR convention; or a local clone of such a repository) to
     ``dest`` in the BEIR layout, for :func:`load_beir`.
 
+    ``dest`` is written whole or not at all: the files go to a temp directory beside it, which is
+    flushed and renamed to ``dest`` once every file is complete (a kill leaves no ``dest`` that a
+    rerun could trust with fewer judgements). An existing ``dest`` is replaced.
+
     Raises:
         DataError: the datasets cannot be loaded (the message says what failed).
     """
+    from ..atomic import atomic_dir
+
     import csv
     import json
 
@@ -214,20 +229,21 @@ def beir_from_hub(name_or_path: str, dest: str | os.PathLike, qrels_name: str | 
                         f"{str(e).splitlines()[0][:200]})",
                         "give a BEIR directory instead, or a hub id with 'corpus' and 'queries' configs and a "
                         "'-qrels' companion (BeIR/scifact, BeIR/scifact-qrels)") from None
-    (dest / "qrels").mkdir(parents=True, exist_ok=True)
-    for name, rows, fields in (("corpus.jsonl", corpus, ("_id", "title", "text")), ("queries.jsonl", queries,
-                                                                                       ("_id", "text"))):
-        with open(dest / name, "w", encoding="utf-8") as f:
-            for batch in rows.iter(batch_size=10_000):
-                for values in zip(*(batch.get(k, [""] * len(batch["_id"])) for k in fields)):
-                    f.write(json.dumps(dict(zip(fields, values))) + "\n")
-    for split, rows in qrels.items():
-        name = "dev" if split == "validation" else split
-        with open(dest / "qrels" / f"{name}.tsv", "w", encoding="utf-8", newline="") as f:
-            out = csv.writer(f, delimiter="\t")
-            out.writerow(["query-id", "corpus-id", "score"])
-            for r in rows:
-                out.writerow([r["query-id"], r["corpus-id"], r["score"]])
+    with atomic_dir(dest) as tmp:
+        (tmp / "qrels").mkdir()
+        for name, rows, fields in (("corpus.jsonl", corpus, ("_id", "title", "text")),
+                                   ("queries.jsonl", queries, ("_id", "text"))):
+            with open(tmp / name, "w", encoding="utf-8") as f:
+                for batch in rows.iter(batch_size=10_000):
+                    for values in zip(*(batch.get(k, [""] * len(batch["_id"])) for k in fields)):
+                        f.write(json.dumps(dict(zip(fields, values))) + "\n")
+        for split, rows in qrels.items():
+            name = "dev" if split == "validation" else split
+            with open(tmp / "qrels" / f"{name}.tsv", "w", encoding="utf-8", newline="") as f:
+                out = csv.writer(f, delimiter="\t")
+                out.writerow(["query-id", "corpus-id", "score"])
+                for r in rows:
+                    out.writerow([r["query-id"], r["corpus-id"], r["score"]])
     return dest
 
 

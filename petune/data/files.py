@@ -24,6 +24,23 @@ def require_file(path: str | os.PathLike, what: str, fix: str) -> Path:
     return path
 
 
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` for each line of a UTF-8 text file, read lazily; a byte-order mark
+    at the start (as Excel and Notepad write) is dropped.
+
+    Raises:
+        DataError: a line that is not UTF-8 (names the line, the byte and its column).
+    """
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, number, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                                f"save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > fixed") from None
+            yield number, line
+
+
 def jsonl_rows(path: str | os.PathLike, fields: dict[str, type | tuple], example: str) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for each non-blank line of a JSON-lines file, checked.
 
@@ -33,28 +50,28 @@ def jsonl_rows(path: str | os.PathLike, fields: dict[str, type | tuple], example
         example: a well-formed line, quoted in the errors.
 
     Raises:
-        DataError: a line that is not one JSON object, a missing field, a field of another type.
+        DataError: a line that is not UTF-8 or not one JSON object, a missing field, a field of
+            another type.
     """
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, number, f"not valid JSON ({e.msg} at column {e.colno})",
-                                f"each line must be one JSON object, e.g. {example}") from None
-            if not isinstance(row, dict):
-                raise DataError(path, number, f"a JSON {type(row).__name__}, not an object",
-                                f"each line must be one JSON object, e.g. {example}")
-            for name, kind in fields.items():
-                if name not in row:
-                    raise DataError(path, number, f"no {name!r} field (it has {sorted(row)})",
-                                    f"each line needs {sorted(fields)}, e.g. {example}")
-                value = row[name]
-                if kind is str and isinstance(value, int) and not isinstance(value, bool):
-                    row[name] = value = str(value)
-                if not isinstance(value, kind):
-                    raise DataError(path, number, f"{name!r} is a {type(value).__name__}",
-                                    f"it must be a {getattr(kind, '__name__', kind)}, e.g. {example}")
-            yield number, row
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, number, f"not valid JSON ({e.msg} at column {e.colno})",
+                            f"each line must be one JSON object, e.g. {example}") from None
+        if not isinstance(row, dict):
+            raise DataError(path, number, f"a JSON {type(row).__name__}, not an object",
+                            f"each line must be one JSON object, e.g. {example}")
+        for name, kind in fields.items():
+            if name not in row:
+                raise DataError(path, number, f"no {name!r} field (it has {sorted(row)})",
+                                f"each line needs {sorted(fields)}, e.g. {example}")
+            value = row[name]
+            if kind is str and isinstance(value, int) and not isinstance(value, bool):
+                row[name] = value = str(value)
+            if not isinstance(value, kind):
+                raise DataError(path, number, f"{name!r} is a {type(value).__name__}",
+                                f"it must be a {getattr(kind, '__name__', kind)}, e.g. {example}")
+        yield number, row

@@ -7,10 +7,11 @@ from __future__ import annotations
 import csv
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import DataError, jsonl_rows
+from .files import DataError, jsonl_rows, text_lines
 
 LINE = '{"text": "Stocks fell sharply today.", "label": "business"}'
 
@@ -43,17 +44,26 @@ def read_labelled(source: str | os.PathLike, text_column: str = "text", label_co
 
     Args:
         source: a ``.csv`` / ``.tsv`` (header row naming the columns), ``.jsonl`` / ``.json``
-            (one object per line) file, a directory saved with ``datasets.save_to_disk``, or a hub id.
-        split: for a dataset with several splits, which one.
+            (one object per line) file, a directory saved with ``datasets.save_to_disk``, or a hub
+            id; ``NAME:SPLIT`` names a split of a dataset (``ag_news:test``, ``saved-dir:train``).
+            Files are read as UTF-8 (a byte-order mark is dropped).
+        split: for a dataset with several splits, which one (or give it in ``source``).
 
     Raises:
-        DataError: a missing column, a malformed line, an empty text or label, no rows at all.
+        DataError: a missing column, a malformed line, text that is not UTF-8, an empty text or
+            label, an unlabelled row (``-1`` in a ``ClassLabel`` column), a CSV the ``csv`` module
+            cannot read (a NUL byte, a field over its size limit), no rows at all; each names the
+            file and the line.
     """
     path = Path(source)
+    if split is None and not path.exists() and ":" in str(source):
+        source, split = str(source).rsplit(":", 1)
+        path = Path(source)
     texts, labels, where = [], [], []
     if path.suffix in (".csv", ".tsv") and path.is_file():
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+        lines = (line for _, line in text_lines(path))
+        reader = csv.DictReader(lines, delimiter="\t" if path.suffix == ".tsv" else ",")
+        try:
             for column in (text_column, label_column):
                 if column not in (reader.fieldnames or []):
                     raise DataError(path, 1, f"no column {column!r} (the header has {reader.fieldnames})",
@@ -66,6 +76,9 @@ def read_labelled(source: str | os.PathLike, text_column: str = "text", label_co
                 texts.append(row[text_column])
                 labels.append(row[label_column].strip())
                 where.append(f"{path}:{reader.line_num}")
+        except csv.Error as e:
+            raise DataError(path, reader.line_num, f"not readable as CSV ({e})", "remove NUL bytes and over-long "
+                            "fields, or save the file again as plain UTF-8 CSV") from None
     elif path.suffix in (".jsonl", ".json") and path.is_file():
         for number, row in jsonl_rows(path, {text_column: str, label_column: (str, int)}, LINE):
             _check(path, number, row[text_column], row[label_column], text_column, label_column)
@@ -81,6 +94,9 @@ def read_labelled(source: str | os.PathLike, text_column: str = "text", label_co
         names = getattr(rows.features[label_column], "names", None)  # a ClassLabel: its names
         for i, (text, label) in enumerate(zip(rows[text_column], rows[label_column]), 1):
             _check(source, i, text, label, text_column, label_column)
+            if names and not 0 <= label < len(names):  # -1: datasets' "no label" (e.g. GLUE's test splits)
+                raise DataError(source, i, f"label {label} is not one of the {len(names)} classes (-1 marks an "
+                                "unlabelled row)", "use a labelled split, or drop the unlabelled rows")
             texts.append(text)
             labels.append(names[label] if names else str(label))
             where.append(f"{source}: row {i}")
@@ -100,18 +116,44 @@ def _dataset(source, split):
                         "give a .csv, .tsv or .jsonl file, a save_to_disk directory or a hub id") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split is None and len(loaded) > 1:
-            raise DataError(source, 0, f"several splits {list(loaded)}", "pick one (e.g. --train NAME:train)")
+            raise DataError(source, 0, f"several splits {list(loaded)}", f"pick one (e.g. --train {source}:"
+                            f"{next(iter(loaded))})")
+        if split is not None and split not in loaded:
+            raise DataError(source, 0, f"no split {split!r} (it has {list(loaded)})", "name one of them after the ':'")
         loaded = loaded[split or next(iter(loaded))]
     return loaded
 
 
 def split_labelled(data: Labelled, seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> tuple[Labelled, ...]:
-    """Train / dev / test subsets of ``data`` (shuffled with ``seed``)."""
-    rows = list(range(len(data)))
-    random.Random(seed).shuffle(rows)
-    a = int(round(fractions[0] * len(rows)))
-    b = a + int(round(fractions[1] * len(rows)))
-    return data.subset(sorted(rows[:a])), data.subset(sorted(rows[a:b])), data.subset(sorted(rows[b:]))
+    """Train / dev / test subsets of ``data``, stratified and without shared texts.
+
+    A text that occurs several times is kept once (its first row; a warning counts the others), so
+    no text lands in two splits. Each label's rows are shuffled with ``seed`` and split by
+    ``fractions`` on their own, so every split keeps the label proportions, and a label too rare
+    to split (its dev and test shares round to nothing) stays in training only — never in a test
+    split without training examples.
+    """
+    first: dict[str, int] = {}
+    for i, t in enumerate(data.texts):
+        first.setdefault(t, i)
+    if len(first) < len(data):
+        warnings.warn(f"{len(data) - len(first)} rows repeat an earlier text and are left out (e.g. "
+                      f"{next(w for i, w in enumerate(data.where) if first[data.texts[i]] != i)})", stacklevel=2)
+    by_label: dict[str, list[int]] = {}
+    for i in sorted(first.values()):
+        by_label.setdefault(data.labels[i], []).append(i)
+    rng = random.Random(seed)
+    parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for label in sorted(by_label):
+        rows = by_label[label]
+        rng.shuffle(rows)
+        dev, test = int(round(fractions[1] * len(rows))), int(round(fractions[2] * len(rows)))
+        train = max(1, len(rows) - dev - test)
+        dev = min(dev, len(rows) - train)
+        parts[0].extend(rows[:train])
+        parts[1].extend(rows[train:train + dev])
+        parts[2].extend(rows[train + dev:])
+    return tuple(data.subset(sorted(p)) for p in parts)
 
 
 def check_splits(train: Labelled, test: Labelled, name: str = "test") -> None:
