@@ -13,6 +13,8 @@ not the token lists of the whole collection that ``bm25s.index`` keeps as Python
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
 import warnings
 from itertools import chain
@@ -20,11 +22,25 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache import Cache, fingerprint, texts_fingerprint
+from ..cache import Cache, collection_fingerprint, fingerprint, texts_fingerprint
 from ..data.stream import RowIds, collection_size, column_rows, text_batches
 from .retrieval import ranx_run
 
 INDEX_META = "petune_bm25.json"
+#: words of several languages a stemmer is tried on for the cache key: two stemmers that stem them
+#: alike are taken as one (a name alone cannot tell PyStemmer's English from its French, or two lambdas)
+STEMMER_PROBE = ["running", "connections", "generously", "universities", "happily", "nationalement",
+                 "continuaient", "décisions", "häuser", "zeitungen", "corriendo", "ciudades", "ragazzi"]
+
+
+def stemmer_key(stemmer) -> list | None:
+    """What identifies a stemmer in a cache key: its module and name, and what it makes of
+    :data:`STEMMER_PROBE` (``None`` for no stemmer)."""
+    if stemmer is None:
+        return None
+    name = f"{getattr(stemmer, '__module__', None) or type(stemmer).__module__}." \
+           f"{getattr(stemmer, '__qualname__', type(stemmer).__qualname__)}"
+    return [name, [str(w) for w in stemmer(list(STEMMER_PROBE))]]
 
 
 def _stem_one(stemmer):
@@ -33,6 +49,35 @@ def _stem_one(stemmer):
     if stemmer is None:
         return None
     return lambda word: stemmer([word])[0]
+
+
+SPILL = "petune-bm25-spill-"
+
+
+def remove_dead_spills(folder) -> int:
+    """Remove the spill folders (``petune-bm25-spill-HOST-PID-*``, several GB at 10⁷ passages) that
+    processes of this host killed while indexing left in ``folder``; those of live processes and
+    of other hosts stay. Returns how many were removed."""
+    import shutil
+
+    removed, host = 0, socket.gethostname()
+    for p in Path(folder).glob(f"{SPILL}{host}-*"):
+        pid = p.name[len(SPILL) + len(host) + 1:].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def build_bm25s(batches, k1: float = 1.5, b: float = 0.75, method: str = "lucene", stopwords="en", stemmer=None,
@@ -46,7 +91,8 @@ def build_bm25s(batches, k1: float = 1.5, b: float = 0.75, method: str = "lucene
     Args:
         batches: an iterable of lists of strings (see :func:`petune.data.stream.text_batches`).
         spill_dir: where the per-document term counts go between the two passes (8 bytes per
-            distinct term of each document; deleted after); default: the system temp folder.
+            distinct term of each document; deleted after, and the spills of killed runs are
+            removed before: :func:`remove_dead_spills`); default: the system temp folder.
         total: the number of documents, for the progress bar.
 
     Returns:
@@ -59,7 +105,9 @@ def build_bm25s(batches, k1: float = 1.5, b: float = 0.75, method: str = "lucene
 
     tokenizer = Tokenizer(stopwords=stopwords, stemmer=_stem_one(stemmer))
     retriever = bm25s.BM25(k1=k1, b=b, method=method)
-    with tempfile.TemporaryDirectory(prefix="petune-bm25-", dir=spill_dir) as tmp:
+    if spill_dir is not None:
+        remove_dead_spills(spill_dir)
+    with tempfile.TemporaryDirectory(prefix=f"{SPILL}{socket.gethostname()}-{os.getpid()}-", dir=spill_dir) as tmp:
         terms_file, counts_file = Path(tmp) / "terms.i32", Path(tmp) / "counts.f32"
         doc_len, distinct, df = [], [], np.zeros(0, dtype=np.int64)
         bar = tqdm(total=total, desc="BM25 index", unit="doc", disable=not progress)
@@ -143,6 +191,11 @@ class BM25:
         ids: for a streamed collection, one id per document: a column name of the dataset, or an
             iterable; default: the row numbers (``"0"``, ``"1"``, ...).
         progress: show a bar while indexing.
+        n_threads: threads searching queries at once (``bm25s``'s ``n_threads``); default: every
+            core of the machine (``os.cpu_count()``). Results do not depend on it.
+        backend: ``bm25s``'s top-k backend: ``"numpy"`` (the default) or ``"numba"`` (compiled,
+            parallel; about 75x faster per query here). Scores are equal; documents tied at the
+            depth cut-off may be others, so runs are cached per backend.
 
     Raises:
         ValueError: an empty collection; ``docs`` a dataset without ``column``.
@@ -150,9 +203,13 @@ class BM25:
 
     def __init__(self, docs, k1: float = 1.5, b: float = 0.75, method: str = "lucene",
                  stopwords: str | None = "en", stemmer=None, cache_dir=None, *, column: str | None = None,
-                 ids=None, progress: bool = False):
+                 ids=None, progress: bool = False, n_threads: int | None = None, backend: str = "numpy"):
         from ..data.stream import _dataset_column
 
+        if backend not in ("numpy", "numba"):
+            raise ValueError(f"backend must be 'numpy' or 'numba', got {backend!r}")
+        self.backend = backend
+        self.n_threads = max(1, int(n_threads or os.cpu_count() or 1))
         self._column = column
         if isinstance(docs, dict):
             if not docs:
@@ -182,21 +239,16 @@ class BM25:
         self.cache = Cache(cache_dir) if cache_dir is not None else None
         self._key = None
         if self.cache is not None:
-            stemmer_name = None if stemmer is None else getattr(stemmer, "__qualname__", type(stemmer).__name__)
             self._key = [self._docs_fingerprint(), texts_fingerprint(self.ids or []), k1, b, method, stopwords,
-                         stemmer_name]
+                         stemmer_key(stemmer)]
 
     def _docs_fingerprint(self) -> str:
         """A dataset's own fingerprint (no pass over its texts), else a digest of the texts."""
-        from ..data.stream import _dataset_column
-
-        found = _dataset_column(self._texts, self._column)
-        if found is not None and getattr(found[0], "_fingerprint", None):
-            return fingerprint(found[0]._fingerprint, found[1])
-        if iter(self._texts) is self._texts:
+        try:
+            return collection_fingerprint(self._texts, self._column)
+        except ValueError:
             raise ValueError("cache_dir needs a collection that can be read twice (a list, a dataset), "
-                             "not a one-pass iterator")
-        return texts_fingerprint(chain.from_iterable(text_batches(self._texts, column=self._column)))
+                             "not a one-pass iterator") from None
 
     def __len__(self) -> int:
         if self.ids is None:  # a stream of unknown length: counted while indexing
@@ -234,6 +286,7 @@ class BM25:
                     self.retriever.save(tmp, show_progress=False)
                     self.tokenizer.save_vocab(tmp)
                     (tmp / INDEX_META).write_text(json.dumps({"documents": n}))
+        self.retriever.backend = self.backend
         if self.ids is None:
             self.ids = RowIds(n)
         elif len(self.ids) != n:
@@ -251,7 +304,8 @@ class BM25:
         key = run = None
         if self.cache is not None:
             key = fingerprint(self._key, texts_fingerprint([str(q) for q in queries]),
-                              texts_fingerprint(list(queries.values())), k)
+                              texts_fingerprint(list(queries.values())), k,
+                              *([self.backend] if self.backend != "numpy" else []))
             run = self.cache.load_json("bm25-run", key)
         if run is None:
             run = self._search(queries, k)
@@ -271,7 +325,8 @@ class BM25:
         k = min(k, len(self))
         tokens = self.tokenizer.tokenize(list(queries.values()), update_vocab=False, return_as="ids",
                                          show_progress=False)
-        idx, scores = self.retriever.retrieve(tokens, k=k, show_progress=False)
+        idx, scores = self.retriever.retrieve(tokens, k=k, show_progress=False,  # 0: bm25s's one-thread path
+                                              n_threads=self.n_threads if self.n_threads > 1 else 0)
         return {str(qid): {self.ids[int(j)]: float(s) for j, s in zip(row_idx, row_scores) if s > 0}
                 for qid, row_idx, row_scores in zip(queries, idx, scores)}
 
