@@ -38,6 +38,26 @@ def texts_fingerprint(texts) -> str:
     return h.hexdigest()[:24]
 
 
+def collection_fingerprint(texts, column: str | None = None) -> str:
+    """Digest naming a collection: a ``datasets.Dataset``'s own fingerprint and the column (no pass
+    over its texts), else a digest of the texts (one streamed pass).
+
+    Raises:
+        ValueError: a one-pass iterator (it could not be read again after the digest).
+    """
+    from itertools import chain
+
+    from .data.stream import _dataset_column, text_batches
+
+    found = _dataset_column(texts, column)
+    if found is not None and getattr(found[0], "_fingerprint", None):
+        return fingerprint(found[0]._fingerprint, found[1])
+    if iter(texts) is texts:
+        raise ValueError("a collection that can be read twice (a list, a dataset) is needed here, not a one-pass "
+                         "iterator")
+    return texts_fingerprint(chain.from_iterable(text_batches(texts, column=column)))
+
+
 def weights_fingerprint(model: nn.Module, exclude=()) -> str:
     """Digest of every parameter and buffer of ``model``: names, dtypes, shapes and values.
 

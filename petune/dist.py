@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 
 import numpy as np
@@ -18,12 +20,76 @@ def cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
+#: seconds a collective (a barrier, a gather) waits for the slowest process before it fails. Jobs
+#: have one process work alone for long stretches at the field's size (BM25 over 10⁷ passages,
+#: IVF training, Arrow conversion) while the others wait at a barrier: torch's own defaults
+#: (10 minutes for NCCL, 30 for gloo) would kill them. Set it with the environment variable
+#: PETUNE_COLLECTIVE_TIMEOUT (seconds) or the recipes' --collective-timeout (minutes).
+DEFAULT_COLLECTIVE_TIMEOUT = 6 * 3600
+
+
+def collective_timeout() -> float:
+    """The timeout of the process group petune starts (:data:`DEFAULT_COLLECTIVE_TIMEOUT` unless
+    ``PETUNE_COLLECTIVE_TIMEOUT`` says otherwise), in seconds.
+
+    Raises:
+        ValueError: ``PETUNE_COLLECTIVE_TIMEOUT`` is not a positive number.
+    """
+    value = os.environ.get("PETUNE_COLLECTIVE_TIMEOUT")
+    if value is None:
+        return float(DEFAULT_COLLECTIVE_TIMEOUT)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"PETUNE_COLLECTIVE_TIMEOUT must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
 def process_state():
-    """Accelerate's ``PartialState`` (process index, count), multi-process on CPU machines too."""
+    """Accelerate's ``PartialState`` (process index, count), multi-process on CPU machines too.
+
+    The first call starts the process group (under ``accelerate launch`` / ``torchrun``) with
+    :func:`collective_timeout`; later calls, and Accelerate's own ``Accelerator``, share it."""
     from accelerate import PartialState
 
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
-    return PartialState(cpu=cpu_only() and multi)
+    if not multi:
+        return PartialState(cpu=False)
+    return PartialState(cpu=cpu_only(), timeout=datetime.timedelta(seconds=collective_timeout()))
+
+
+def agree_on_errors(error: BaseException | None) -> None:
+    """Carry one process's failure to every process before they go on to a collective.
+
+    Every process calls it with the exception it caught (or ``None``) at the same point; if any
+    failed, every process raises: the failed ones their own exception, the others one of the same
+    class (when it can be built from a message, else ``RuntimeError``) saying which process failed
+    and why. Without it, a process that raises alone leaves the others waiting at the next
+    barrier until the collective timeout.
+    """
+    from accelerate.utils import gather_object
+
+    state = process_state()
+    if state.num_processes == 1:
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else (type(error), f"{error}")
+    verdicts = gather_object([mine])
+    failed = [(rank, v) for rank, v in enumerate(verdicts) if v is not None]
+    if not failed:
+        return
+    if error is not None:
+        raise error
+    rank, (cls, message) = failed[0]
+    text = f"process {rank} failed: {message}"
+    try:
+        carried = cls(text)
+    except Exception:  # an exception class that is not built from one message
+        carried = RuntimeError(f"{cls.__name__}: {text}")
+    raise carried
 
 
 def _longest_first(lengths) -> np.ndarray:
@@ -91,3 +157,37 @@ def gather_rows(local: np.ndarray, to_all: bool = False, chunk_rows: int = 16384
     if not (to_all or rank == 0):
         return None
     return np.concatenate([np.concatenate(b) for b in blocks])
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Run the block on the main process first, then on the others (which read what it cached):
+    Accelerate's ``main_process_first``, except that an error on the main process reaches the
+    others instead of leaving them at its barrier. The others wait for the main process's verdict;
+    if its block raised, each of them raises too (as :func:`agree_on_errors` does), and the main
+    process raises its own exception.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    state = process_state()
+    if state.num_processes == 1:
+        yield
+        return
+    if not state.is_main_process:
+        verdict = [None]
+        broadcast_object_list(verdict)  # waits for the main process's block to end
+        if verdict[0] is not None:
+            cls, message = verdict[0]
+            try:
+                carried = cls(f"process 0 failed: {message}")
+            except Exception:
+                carried = RuntimeError(f"{cls.__name__}: process 0 failed: {message}")
+            raise carried
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        broadcast_object_list([(type(e), f"{e}")])
+        raise
+    broadcast_object_list([None])

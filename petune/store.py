@@ -7,11 +7,14 @@ Layout of a store directory::
     chunk-000000.npy       rows [0, chunk_size) as [rows, d] (float16 or float32)
     chunk-000000.json      that chunk's row count, first row, digest of its texts (and its ids)
     ...
+    ids.npy                with user ids: every row's id, utf-8 bytes of one width (memory-mapped)
 
 Chunk ``c`` holds rows ``[c · chunk_size, (c + 1) · chunk_size)`` of the collection. Each chunk is
-written to a temp file and renamed into place, its ``.json`` last: a chunk with a ``.json`` is
-complete, and a rerun after a kill encodes only the chunks without one. At the field's size
+written to a temp file, flushed to disk and renamed into place, its ``.json`` last: a chunk whose
+``.json`` is there and whose ``.npy`` has the shape the ``.json`` states is complete, and a rerun
+after a kill (or a crash of the machine) encodes only the other chunks. At the field's size
 (10⁷ passages, d = 768) the store is 15 GB in float16; nothing here holds more than one chunk.
+User ids are checked unique while encoding and kept on disk: 10⁷ ids are never a Python list.
 """
 
 from __future__ import annotations
@@ -20,15 +23,16 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
 from itertools import chain, repeat, zip_longest
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write, commit_file, remove_stale_temps, temp_path
 from .cache import texts_fingerprint
-from .data.stream import RowIds, collection_size, text_batches
-from .atomic import atomic_write
+from .data.stream import RowIds, collection_size, id_hash, text_batches
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,17 @@ VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = ("float16", "float32")
 _CHUNK = re.compile(r"chunk-(\d{6})\.json$")
+IDS = "ids.npy"
+
+
+class StoreError(ValueError):
+    """A store that cannot be written or trusted as asked (texts that differ from a finished
+    chunk's, duplicate ids, a store written with other settings...): the message names the
+    problem and the fix. Raised on every process of a multi-process run, never on one alone."""
+
+
+class StoreRangeError(StoreError, FloatingPointError):
+    """Embeddings beyond the store dtype's range (or NaN / inf)."""
 
 
 def _chunk_name(c: int, suffix: str) -> str:
@@ -46,6 +61,27 @@ def _chunk_name(c: int, suffix: str) -> str:
 def _finished_chunks(path: Path) -> set[int]:
     """Chunks with their ``.json`` (written last): complete."""
     return {int(m.group(1)) for m in (_CHUNK.match(p.name) for p in path.glob("chunk-*.json")) if m}
+
+
+def _npy_shape(file: Path) -> tuple | None:
+    """The shape of a ``.npy`` file whose bytes are all there, else ``None`` (missing, truncated,
+    or not an array file): numpy's memory map checks the size against the header; no data is read."""
+    try:
+        block = np.load(file, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return None
+    shape = tuple(block.shape)
+    del block
+    return shape
+
+
+def _chunk_is_whole(path: Path, c: int) -> bool:
+    """A chunk whose ``.json`` and ``.npy`` agree: the ``.npy`` holds the rows the ``.json`` states."""
+    try:
+        meta = json.loads((path / _chunk_name(c, ".json")).read_text())
+    except (OSError, ValueError):
+        return False
+    return _npy_shape(path / _chunk_name(c, ".npy")) == (meta.get("rows"), meta.get("dim"))
 
 
 def _write_json(path: Path, value) -> None:
@@ -99,13 +135,19 @@ class EmbeddingStore:
 
     @property
     def ids(self):
-        """One id per row: the ids given to :func:`encode_to_store`, or the row numbers
-        (``"0"``, ``"1"``, ... as a :class:`~petune.data.stream.RowIds`, which holds no list)."""
+        """One id per row: the ids given to :func:`encode_to_store` (a :class:`StoreIds`, read
+        from ``ids.npy`` memory-mapped, one id at a time), or the row numbers (``"0"``, ``"1"``,
+        ... as a :class:`~petune.data.stream.RowIds`). Neither holds a list; both are unique."""
         if self._ids is None:
             if not self.manifest["has_ids"]:
                 self._ids = RowIds(self.n)
-            else:
-                self._ids = [i for c in range(self.num_chunks) for i in self._chunk_meta(c)["ids"]]
+            elif (self.path / IDS).exists():
+                self._ids = StoreIds(self.path / IDS)
+            else:  # a store finished before ids.npy existed: its ids, checked unique once
+                ids = [i for c in range(self.num_chunks) for i in self._chunk_meta(c)["ids"]]
+                if len(set(ids)) != len(ids):
+                    raise StoreError(f"{self.path} holds duplicate ids; encode the collection again with unique ids")
+                self._ids = ids
         return self._ids
 
     def _chunk_meta(self, c: int) -> dict:
@@ -161,6 +203,74 @@ class EmbeddingStore:
         return out
 
 
+class StoreIds(Sequence):
+    """A store's ids from ``ids.npy`` (fixed-width utf-8 bytes, memory-mapped): ``ids[row]`` is a
+    ``str``; only the rows asked for are read. Unique (checked when the store was written)."""
+
+    unique = True
+
+    def __init__(self, file: Path):
+        self._array = np.load(file, mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [b.decode() for b in self._array[i]]
+        return bytes(self._array[int(i)]).decode()
+
+    def __iter__(self):
+        for start in range(0, len(self._array), 65536):
+            yield from (b.decode() for b in self._array[start:start + 65536])
+
+
+def _write_ids(path: Path, count: int) -> None:
+    """``ids.npy`` from the chunks' ``.json`` (two passes: the width, then the rows), one chunk in
+    memory at a time."""
+    def metas():
+        return (json.loads((path / _chunk_name(c, ".json")).read_text()) for c in range(count))
+
+    width, rows = 1, 0
+    for meta in metas():
+        width, rows = max(width, *(len(i.encode()) for i in meta["ids"])), rows + meta["rows"]
+    tmp = temp_path(path / IDS)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=f"S{width}", shape=(rows,))
+        row = 0
+        for meta in metas():
+            out[row:row + len(meta["ids"])] = [i.encode() for i in meta["ids"]]
+            row += len(meta["ids"])
+        out.flush()
+        del out
+        commit_file(tmp, path / IDS)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _duplicate_rows(hashes) -> tuple[int, int] | None:
+    """The first two rows whose id hashes are equal (``hashes``: one uint64 per row), or ``None``."""
+    h = np.frombuffer(hashes, dtype=np.uint64) if not isinstance(hashes, np.ndarray) else hashes
+    order = np.argsort(h, kind="stable")
+    same = np.flatnonzero(h[order][1:] == h[order][:-1])
+    if not same.size:
+        return None
+    pairs = sorted((int(order[j]), int(order[j + 1])) for j in same)
+    return pairs[0]
+
+
+def _check_unique_ids(read) -> None:
+    """Duplicate ids are an error, found before encoding: ``read()`` streams the ids (called a
+    second time only to name a duplicate); 8 bytes per id in memory."""
+    twice = _duplicate_rows(np.fromiter((id_hash(str(i)) for i in read()), dtype=np.uint64))
+    if twice is None:
+        return
+    same = [str(i) for row, i in enumerate(read()) if row in twice]
+    if same[0] == same[1]:
+        raise StoreError(f"ids must be unique: rows {twice[0]} and {twice[1]} are both {same[0]!r}; "
+                         "give every text its own id")
+
+
 def _store_options(model, tokenizer, options: dict) -> tuple[str, dict]:
     from .embed import _check_args, _with_defaults, encoder_key, keyed_options
     from .tuned import is_task_list
@@ -204,6 +314,9 @@ def _check_manifest(path: Path, head: dict) -> str | None:
     settings; an error message, or ``None``."""
     file = path / MANIFEST
     if file.exists():
+        removed = remove_stale_temps(path)  # no writer is at work yet: every process waits for this check
+        if removed:
+            log.info("%s: removed %d temp files left by a killed run", path, removed)
         found = json.loads(file.read_text())
         diff = {k: (found.get(k), v) for k, v in head.items() if found.get(k) != v}
         if diff:
@@ -220,14 +333,14 @@ def _check_manifest(path: Path, head: dict) -> str | None:
 
 def _on_main(state, fn) -> None:
     """Run ``fn`` (which returns an error message or ``None``) on the main process; every process
-    raises ``ValueError`` with that message, so no process waits forever for a failed one."""
+    raises :class:`StoreError` with that message, so no process waits forever for a failed one."""
     from accelerate.utils import broadcast_object_list
 
     error = [fn() if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(error)
     if error[0]:
-        raise ValueError(error[0])
+        raise StoreError(error[0])
 
 
 def _finish(path: Path, head: dict, n: int, chunk_size: int) -> str | None:
@@ -245,9 +358,14 @@ def _finish(path: Path, head: dict, n: int, chunk_size: int) -> str | None:
         meta = json.loads((path / _chunk_name(c, ".json")).read_text())
         if meta["rows"] != min(chunk_size, n - c * chunk_size):
             return f"{path}: chunk {c} has {meta['rows']} rows; delete the store to encode again"
+        if not _chunk_is_whole(path, c):
+            return (f"{path}: chunk {c}'s .npy does not hold the {meta['rows']} rows its .json states; rerun to "
+                    "encode it again")
         dims.add(meta["dim"])
     if len(dims) != 1:
         return f"{path}: chunks of different dimensions {sorted(dims)}; delete the store to encode again"
+    if head["has_ids"]:
+        _write_ids(path, count)
     _write_json(path / MANIFEST, {**head, "complete": True, "n": n, "dim": dims.pop(), "num_chunks": count})
     return None
 
@@ -288,16 +406,24 @@ def encode_to_store(model, tokenizer, texts, path: str | os.PathLike, *, column:
         chunks this process encoded and how many it found finished.
 
     Raises:
-        ValueError: empty ``texts``, bad ``dtype`` / ``chunk_size`` / options, a store at ``path``
-            written with another model, tokenizer, options, chunk size or dtype, finished chunks
-            whose texts differ from the given ones, ``ids`` not one per text.
+        ValueError: empty ``texts``, bad ``dtype`` / ``chunk_size`` / options, ``ids`` not one
+            per text.
+        StoreError: (a ``ValueError``) a store at ``path`` written with another model, tokenizer,
+            options, chunk size or dtype; finished chunks whose texts differ from the given ones
+            (a store holds one collection); duplicate ``ids`` (checked before encoding when
+            ``ids`` is a column or a list, else before the store is marked complete).
+        StoreRangeError: (a :class:`StoreError` and a ``FloatingPointError``) NaN / inf
+            embeddings, or values beyond float16's range with ``dtype="float16"``.
         TypeError: ``texts`` is one string or holds non-strings.
-        FloatingPointError: NaN / inf embeddings, or values beyond float16's range with
-            ``dtype="float16"``.
+
+    Under several processes an error on one is raised on every one (naming the process), before
+    any of them waits at a barrier: none hangs. A chunk whose ``.npy`` does not hold the rows its
+    ``.json`` states (a crash of the machine between the two writes) is encoded again.
     """
     from tqdm.auto import tqdm
 
-    from .dist import process_state
+    from .data.stream import _dataset_column, column_rows
+    from .dist import agree_on_errors, process_state
     from .embed import _check_quantize, encode, int8_copy
 
     if dtype not in DTYPES:
@@ -313,32 +439,46 @@ def encode_to_store(model, tokenizer, texts, path: str | os.PathLike, *, column:
     key, keyed = _store_options(model, tokenizer, options)
     head = {"format": FORMAT, "version": VERSION, "chunk_size": chunk_size, "dtype": dtype, "key": key,
             "options": keyed, "has_ids": ids is not None}
+    checked = True  # duplicate ids: found before encoding when the ids can be read twice
+    if isinstance(ids, str) and _dataset_column(texts, column) is not None:
+        _check_unique_ids(lambda: column_rows(_dataset_column(texts, column)[0], ids))
+    elif isinstance(ids, Sequence) and not isinstance(ids, str):
+        _check_unique_ids(lambda: iter(ids))
+    else:
+        checked = ids is None
     _on_main(state, lambda: _check_manifest(path, head))
     state.wait_for_everyone()
     options = dict(options)
     if options.get("quantize") is not None:  # one int8 copy for every chunk (the key names the option)
         _check_quantize(model, options["quantize"])
         model, options["quantize"] = int8_copy(model), None
-    finished = _finished_chunks(path)
+    finished = set()
+    for c in _finished_chunks(path):
+        if c % world != rank or _chunk_is_whole(path, c):
+            finished.add(c)
+        else:  # a crash between the writes, or a disk that lost the data: the .json vouches for nothing
+            log.warning("chunk %d of %s: its .npy does not hold the rows its .json states; encoding it again", c, path)
     show = state.is_main_process and (progress is None or progress)
     bar = tqdm(total=size, initial=min(len(finished) * chunk_size, size or 0), unit="text",
                desc="encode to store", disable=not show)
     encoded, reused = [], 0
+    hashes = None if checked else array("Q")  # a one-pass iterator's ids: 8 bytes each, checked at the end
 
     def flush(c: int, chunk_texts: list[str], chunk_ids: list) -> None:
         nonlocal reused
         digest = texts_fingerprint(chunk_texts + (chunk_ids if ids is not None else []))
         if c in finished:
             if json.loads((path / _chunk_name(c, ".json")).read_text())["texts"] != digest:
-                raise ValueError(f"chunk {c} of {path} was encoded from other texts (or ids) than rows "
-                                 f"{c * chunk_size}-{c * chunk_size + len(chunk_texts) - 1} given now; "
-                                 "delete the store to encode this collection")
+                raise StoreError(f"chunk {c} of {path} was encoded from other texts (or ids) than rows "
+                                 f"{c * chunk_size}-{c * chunk_size + len(chunk_texts) - 1} given now: a store "
+                                 "holds one collection; give this one its own path (or delete this store to "
+                                 "encode it again)")
             reused += 1
             return
         log.info("process %d: encoding chunk %d", rank, c)
         vecs = encode(model, tokenizer, chunk_texts, progress=False, **options).astype(dtype)
         if not np.isfinite(vecs).all():
-            raise FloatingPointError(f"chunk {c}: embeddings beyond {dtype}'s range (or NaN); use dtype='float32'")
+            raise StoreRangeError(f"chunk {c}: embeddings beyond {dtype}'s range (or NaN); use dtype='float32'")
         atomic_write(path / _chunk_name(c, ".npy"), lambda f: np.save(f, vecs))
         meta = {"rows": len(chunk_texts), "start": c * chunk_size, "dim": int(vecs.shape[1]), "texts": digest}
         if ids is not None:
@@ -352,22 +492,37 @@ def encode_to_store(model, tokenizer, texts, path: str | os.PathLike, *, column:
             bar.n = done if size is None else min(done, size)
             bar.refresh()
 
-    current, chunk_texts, chunk_ids, n = 0, [], [], 0
-    for row, (text, id_) in enumerate(_rows(texts, column, ids)):
-        c = row // chunk_size
-        if c != current:
-            if current % world == rank:
-                flush(current, chunk_texts, chunk_ids)
-            current, chunk_texts, chunk_ids = c, [], []
-        if c % world == rank:
-            chunk_texts.append(text)
-            chunk_ids.append(id_)
-        n = row + 1
-    if chunk_texts:
-        flush(current, chunk_texts, chunk_ids)
-    bar.close()
+    current, chunk_texts, chunk_ids, n, error = 0, [], [], 0, None
+    try:
+        for row, (text, id_) in enumerate(_rows(texts, column, ids)):
+            c = row // chunk_size
+            if c != current:
+                if current % world == rank:
+                    flush(current, chunk_texts, chunk_ids)
+                current, chunk_texts, chunk_ids = c, [], []
+            if c % world == rank:
+                chunk_texts.append(text)
+                chunk_ids.append(id_)
+            if hashes is not None:
+                hashes.append(id_hash(id_))
+            n = row + 1
+        if chunk_texts:
+            flush(current, chunk_texts, chunk_ids)
+    except (ValueError, TypeError, FloatingPointError) as e:  # the user's data or options: every process learns it
+        error = e
+    finally:
+        bar.close()
+    agree_on_errors(error)
     log.info("process %d: %d chunks encoded, %d finished ones reused", rank, len(encoded), reused)
     state.wait_for_everyone()
+    if hashes is not None:  # every process read every id: the same verdict everywhere, no message needed
+        twice = _duplicate_rows(hashes)
+        if twice is not None:
+            same = [json.loads((path / _chunk_name(r // chunk_size, ".json")).read_text())["ids"][r % chunk_size]
+                    for r in twice]
+            if same[0] == same[1]:
+                raise StoreError(f"ids must be unique: rows {twice[0]} and {twice[1]} are both {same[0]!r}; give "
+                                 f"every text its own id (the store at {path} stays unfinished)")
     _on_main(state, lambda: _finish(path, head, n, chunk_size))
     state.wait_for_everyone()
     store = EmbeddingStore(path)

@@ -41,6 +41,7 @@ import petune  # noqa: E402
 from petune.jobs.common import cache_dir, job_main, load_model, method_options, start_run, write_report  # noqa: E402
 from petune.jobs.offline import TASKS, build_data, build_tasks, evaluate_model, parse_options, score  # noqa: E402
 from petune.train import Trainer  # noqa: E402
+from petune.dist import main_process_first  # noqa: E402
 
 log = logging.getLogger("offline")
 
@@ -52,7 +53,7 @@ def main(job):
     cache = cache_dir(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
-    with state.main_process_first():  # BM25 runs: computed and cached once, read by the other processes
+    with main_process_first():  # BM25 runs: computed and cached once, read by the other processes
         data = build_data(args, cache)
     if state.is_main_process:
         log.info("data: %d BBC articles (%s), %d ChatterBot questions / %d answers; train examples: news %d, "

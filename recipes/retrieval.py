@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from petune.dist import main_process_first
 from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_mini_batch_arg,
                                 add_run_args, cache_dir, dense_run, job_main, load_model, method_options, start_run,
                                 write_model_card, write_report)
@@ -79,15 +80,15 @@ def load_data(args, state):
     training file's examples."""
     from petune.data.beir import beir_from_hub, load_beir, read_training_file
 
+    extra = read_training_file(args.train_file) if args.train_file else []  # checked before anything is written
     root = args.beir
-    with state.main_process_first():
-        if args.hub:
+    with main_process_first():
+        if args.hub:  # written whole or not at all (beir_from_hub): a directory there is complete
             root = Path(cache_dir(args)) / "beir" / args.hub.replace("/", "--")
-            if not (root / "corpus.jsonl").exists():
+            if not root.is_dir():
                 beir_from_hub(args.hub, root)
         data = load_beir(root, cache_dir=Path(cache_dir(args)) / "datasets",
                          required=("test",) if args.train_file else ("train", "test"))
-    extra = read_training_file(args.train_file) if args.train_file else []
     return data, extra
 
 
@@ -125,7 +126,7 @@ def training_examples(data, extra, bm25, args, state) -> tuple[list[dict], int]:
     row = rows_of(data.corpus, {d for docs in relevant.values() for d in docs})
     queries = {q: data.queries[q] for q in relevant}
     queries.update({f"file-{i}": e["query"] for i, e in enumerate(extra)})
-    with state.main_process_first():  # the main process builds the index; the others read its cached runs
+    with main_process_first():  # the main process builds the index; the others read its cached runs
         run = bm25.search(queries, k=min(args.bm25_depth, len(data.corpus))).to_dict() if queries else {}
     ranked = {q: sorted(docs, key=lambda d: -docs[d]) for q, docs in run.items()}
     texts = texts_of(data.corpus, [*row.values(), *(d for docs in ranked.values() for d in docs)])
@@ -164,7 +165,7 @@ def dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state):
     if "dev" not in data.qrels:
         return None
     dev = data.split_queries("dev")
-    with state.main_process_first():
+    with main_process_first():
         run = bm25.search(dev, k=min(args.dev_candidates, len(data.corpus))).to_dict()
     row = rows_of(data.corpus, {d for docs in data.qrels["dev"].values() for d in docs})
     candidates = sorted({int(d) for docs in run.values() for d in docs} | set(row.values()))
@@ -231,7 +232,8 @@ def main(job):
                       eval_every=steps_per_epoch if select else None).fit(resume_from=resume_from)
     if select is not None and (out_dir / "best").exists():
         petune.load(tuned, out_dir / "best")  # the dev-selected parameters
-    tuned_run = dense_run(tuned, tokenizer, data.corpus, test, args, cache, **encode_options)
+    tuned_run = dense_run(tuned, tokenizer, data.corpus, test, args, cache, keep_store=args.keep_tuned_store,
+                          **encode_options)
     if state.is_main_process:
         runs = {"BM25": bm25.search(test, k=min(100, len(data.corpus))), "frozen": frozen_run,
                 args.method: tuned_run}

@@ -51,6 +51,7 @@ from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method
                                 add_run_args, cache_dir, dense_run, job_main, load_model, method_options, start_run,
                                 write_report)
 from petune.data import viquae  # noqa: E402
+from petune.dist import main_process_first  # noqa: E402
 from petune.score import BM25, compare, p_values, report_markdown  # noqa: E402
 from petune.train import DPRLoss, RetrievalCollator, Task, Trainer  # noqa: E402
 
@@ -113,7 +114,6 @@ def training_examples(split, qrels, negatives, passages, images=None):
 @job_main(parse_args)
 def main(job):
     args, state, out_dir, started, _ = job
-    resume_from = start_run(args, out_dir, [out_dir / s / "checkpoints" for s in STAGES], state)
     cache = cache_dir(args)
     dataset = viquae.load("dataset", args.dataset_path)
     kb = viquae.load("kb", args.kb_path)
@@ -126,7 +126,7 @@ def main(job):
     if args.images_dir:
         paths = {s: viquae.image_paths(dataset[s], args.images_dir) for s in ("train", "test")}
         images = {}
-        with state.main_process_first():  # extracted and cached once, read by the other processes
+        with main_process_first():  # extracted and cached once, read by the other processes
             for split_paths in paths.values():
                 feats = petune.vision.extract_features(list(split_paths.values()), cache_dir=cache)
                 images.update(zip(split_paths, feats))
@@ -138,6 +138,8 @@ def main(job):
         qrels[split], dropped[split] = viquae.relevant_passages(dataset[split], kb, passages, links)
         log.info("%s: %d questions with relevant passages, %d without (dropped)", split, len(qrels[split]),
                  len(dropped[split]))
+    # the data is loaded and checked: only now is the output dir touched (old checkpoints removed)
+    resume_from = start_run(args, out_dir, [out_dir / s / "checkpoints" for s in STAGES], state)
     bm25 = BM25(passages, column="passage", k1=args.bm25_k1, b=args.bm25_b, cache_dir=cache)
 
     def mine(split, split_qrels):
@@ -145,7 +147,7 @@ def main(job):
         k = min(args.hard_negatives_k, len(passages))
         # the main process searches (building the index) and caches the run; the others then read
         # it from the cache instead of each building an index over the whole knowledge base
-        with state.main_process_first():
+        with main_process_first():
             return bm25.hard_negatives(questions, split_qrels, k=k)
 
     torch.manual_seed(args.seed)
@@ -186,7 +188,7 @@ def main(job):
     test = dataset["test"]
     label = f"{args.method} + images" if images is not None else args.method
     tuned_run = dense_run(tuned, tokenizer, passages, test_questions, args, cache, images=images,
-                          query_length=args.question_length)
+                          query_length=args.question_length, keep_store=args.keep_tuned_store)
     if state.is_main_process:
         questions = dict(zip(viquae.question_ids(test), test["input"]))
         runs = {"BM25": bm25.search({q: questions[q] for q in test_ids}, k=min(100, len(passages)))}

@@ -40,6 +40,7 @@ import petune  # noqa: E402
 from petune.jobs.common import (JobError, add_mini_batch_arg, add_run_args, cache_dir, job_main,  # noqa: E402
                                 load_model, start_run, write_report)
 from petune.data.packaged import split_ids  # noqa: E402
+from petune.dist import main_process_first  # noqa: E402
 from petune.embed import encode_sharded  # noqa: E402
 from petune.score import DenseIndex, compare, knn_scores, p_values, report_markdown  # noqa: E402
 from petune.train import ClassificationCollator, ClassificationLoss, PairCollator, PairLoss, Task, Trainer  # noqa
@@ -231,7 +232,7 @@ def main(job):
     resume_from = start_run(args, out_dir, [out_dir / m / "checkpoints" for m in methods], state)
     cache = cache_dir(args)
     try:
-        with state.main_process_first():  # features: extracted and cached once, read by the other processes
+        with main_process_first():  # features: extracted and cached once, read by the other processes
             data = build_data(args, cache)
     except FileNotFoundError as e:  # the Tux Paint stamps are not there; the message says how to get them
         raise JobError(str(e)) from e

@@ -9,6 +9,7 @@ instead, one record batch at a time, so a pass over the collection holds one bat
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 
 
@@ -124,9 +125,17 @@ def text_batches(texts, batch_size: int = 1000, column: str | None = None) -> It
         yield batch
 
 
+def id_hash(text: str) -> int:
+    """A 64-bit hash of one id (blake2b): what duplicate-id checks keep per row instead of the id,
+    8 bytes each."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
 class RowIds(Sequence):
     """Ids ``"0"``, ``"1"``, ... ``str(n - 1)`` as a sequence that holds no list: the default ids of
     a collection (its row numbers)."""
+
+    unique = True
 
     def __init__(self, n: int):
         self.n = int(n)

@@ -7,17 +7,20 @@ import functools
 import inspect
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from petune.dist import DEFAULT_COLLECTIVE_TIMEOUT
+
 log = logging.getLogger("recipes")
 #: written in --output-dir; --resume continues only a run started with the same options
 RUN_OPTIONS = "run_options.json"
 #: options that do not change what a run computes, so they may differ on --resume
-NOT_RUN_IDENTITY = {"output_dir", "resume", "cache_dir", "checkpoint_every"}
+NOT_RUN_IDENTITY = {"output_dir", "resume", "cache_dir", "checkpoint_every", "collective_timeout", "keep_tuned_store"}
 
 #: learning rates that work for each method on the offline recipe (AdamW); --lr overrides
 DEFAULT_LR = {"prompt": 3e-2, "adapter": 2e-3, "ia3": 1e-2, "lora": 2e-3}
@@ -53,6 +56,10 @@ def add_run_args(parser: argparse.ArgumentParser, checkpoint_every: int) -> None
     g.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="optimizer steps between checkpoints")
     g.add_argument("--cache-dir", help="where the frozen model's embeddings and the BM25 runs are cached, keyed by "
                    "model weights, data and options (default: OUTPUT_DIR/cache)")
+    g.add_argument("--collective-timeout", type=float, help="minutes a process waits at a barrier for the others "
+                   "(several processes: the main one works alone while building BM25, IVF indexes or Arrow files); "
+                   f"default {DEFAULT_COLLECTIVE_TIMEOUT // 60} (or the environment's PETUNE_COLLECTIVE_TIMEOUT, "
+                   "in seconds)")
 
 
 #: from this many passages on, the store path (disk, chunks) replaces the in-memory one: up to 10⁵
@@ -74,10 +81,19 @@ def add_index_args(parser: argparse.ArgumentParser) -> None:
                    help="embedding store dtype (float16 halves the disk)")
     g.add_argument("--store-chunk-size", type=int, default=16384, help="passages per store chunk (the work a kill "
                    "loses per process)")
+    g.add_argument("--keep-tuned-store", action="store_true", help="keep the tuned model's embedding store (and its "
+                   "index) in --cache-dir after its test search; by default it is removed then (18-37 GB at 10⁷ "
+                   "passages, and no later run can reuse it). The frozen model's store is always kept: every run "
+                   "with the same model and collection reuses it")
+
+
+#: stores this process searched with keep_store=True (the frozen model's): never removed by a later call
+_KEPT_STORES: set = set()
 
 
 def dense_run(model, tokenizer, passages, queries: dict, args, cache, *, query_length: int, images=None,
-              column: str = "passage", query_prefix: str = "", passage_prefix: str = "", normalize: bool = False):
+              column: str = "passage", query_prefix: str = "", passage_prefix: str = "", normalize: bool = False,
+              keep_store: bool = True):
     """The run of a dense model over a collection: every process encodes its share of the passages
     (``passages[column]``, a ``datasets.Dataset``) and of the queries (``{id: text}``, with their
     image features ``images[id]`` when given), with their prefixes and ``normalize`` (cosine
@@ -85,10 +101,15 @@ def dense_run(model, tokenizer, passages, queries: dict, args, cache, *, query_l
     by their row numbers.
 
     At least ``--store-from`` passages: each process encodes its chunks to an embedding store in
-    ``cache``/stores (named by the encoder's key, so a rerun reuses or continues it), the index is
+    ``cache``/stores (named by the encoder's key and the collection's fingerprint, so a rerun reuses
+    or continues it, and another collection never meets it), the index is
     built from the store, and with ``"Flat"`` every process searches its own chunks. Fewer: the
-    passages are encoded in memory, gathered on the main process and indexed there."""
+    passages are encoded in memory, gathered on the main process and indexed there.
+
+    ``keep_store=False``: the store (and its index) is removed once every process has searched it
+    (a tuned model's: no later run has the same weights)."""
     import petune
+    from petune.cache import collection_fingerprint
     from petune.data.stream import RowIds
     from petune.dist import process_state
     from petune.embed import encode_sharded, encoder_key
@@ -105,16 +126,28 @@ def dense_run(model, tokenizer, passages, queries: dict, args, cache, *, query_l
         if vecs is None:
             return None
         return DenseIndex(vecs, RowIds(len(passages)), factory=args.index_factory).search(q, qids, k=k)
-    where = Path(cache) / "stores" / f"passages-{encoder_key(model, tokenizer, options)}"
+    # named by the encoder and the collection: a second collection with the same model and cache gets its own
+    where = (Path(cache) / "stores"
+             / f"passages-{encoder_key(model, tokenizer, options)}-{collection_fingerprint(passages, column)}")
     store = petune.encode_to_store(model, tokenizer, passages, where, column=column, dtype=args.store_dtype,
                                    chunk_size=args.store_chunk_size, **options)
+    state = process_state()
     if args.index_factory == "Flat":
-        return ExactStoreIndex(store).search(q, qids, k=k, sharded=True)
-    if not process_state().is_main_process:
-        return None
-    index = build_index(store, args.index_factory, train_size=args.index_train_size, seed=args.seed,
-                        search_params=args.index_params)
-    return index.search(q, qids, k=k)
+        run = ExactStoreIndex(store).search(q, qids, k=k, sharded=True)
+    elif state.is_main_process:
+        index = build_index(store, args.index_factory, train_size=args.index_train_size, seed=args.seed,
+                            search_params=args.index_params)
+        run = index.search(q, qids, k=k)
+    else:
+        run = None
+    if keep_store:
+        _KEPT_STORES.add(where)
+    elif where not in _KEPT_STORES:  # a tuned model with the frozen one's weights keeps the frozen store
+        state.wait_for_everyone()  # every process has searched it
+        if state.is_main_process:
+            log.info("removing the tuned model's store %s (--keep-tuned-store keeps it)", where)
+            shutil.rmtree(where)
+    return run
 
 
 class JobError(ValueError):
@@ -143,25 +176,34 @@ def job_main(parse):
     """Make a recipe's ``main(argv=None)`` from ``body(job: Job)``, parsing ``argv`` with ``parse``.
 
     Logs at INFO and turns the user's mistakes into one line: :class:`JobError` (and
-    :class:`RunMismatch`), :class:`petune.data.files.DataError` and
-    :class:`petune.data.viquae.MissingDataError` raised by ``body`` are printed as ``error: ...``
-    on stderr and ``main`` returns exit status 2; raise them before the job writes anything it could
-    not finish. Any other exception propagates with its traceback.
+    :class:`RunMismatch`), :class:`petune.data.files.DataError`,
+    :class:`petune.data.viquae.MissingDataError` and :class:`petune.store.StoreError` raised by
+    ``body`` are printed as ``error: ...`` on stderr and ``main`` returns exit status 2; raise them
+    before the job writes anything it could not finish. Any other exception propagates with its
+    traceback. ``--collective-timeout`` (minutes), when the recipe has it, sets the process
+    group's timeout before the group starts.
     """
     from petune.data.files import DataError
     from petune.data.viquae import MissingDataError
     from petune.dist import process_state
+    from petune.store import StoreError
 
     def decorate(body):
         @functools.wraps(body)
         def main(argv=None):
             args = parse(argv)
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+            if getattr(args, "collective_timeout", None) is not None:
+                if not args.collective_timeout > 0:
+                    print(f"error: --collective-timeout must be positive, got {args.collective_timeout}",
+                          file=sys.stderr)
+                    return 2
+                os.environ["PETUNE_COLLECTIVE_TIMEOUT"] = str(args.collective_timeout * 60)
             try:
                 command = " ".join([f"recipes/{Path(inspect.getfile(body)).name}",
                                     *(sys.argv[1:] if argv is None else argv)])
                 return body(Job(args, process_state(), Path(args.output_dir), time.time(), command))
-            except (JobError, DataError, MissingDataError) as e:
+            except (JobError, DataError, MissingDataError, StoreError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
 

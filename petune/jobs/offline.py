@@ -66,6 +66,7 @@ class OfflineOptions:
     resume: bool
     checkpoint_every: int
     cache_dir: str | None
+    collective_timeout: float | None = None
 
 
 def parse_options(argv=None, description: str | None = None) -> OfflineOptions:

@@ -36,9 +36,7 @@ def check_embeddings(x, name: str = "embeddings", dim: int | None = None) -> np.
 
 
 def _check_ids(ids, n: int, name: str):
-    from ..data.stream import RowIds
-
-    if isinstance(ids, RowIds):  # row numbers: unique by construction, held as no list
+    if getattr(ids, "unique", False):  # row numbers, a store's ids: unique by construction, held as no list
         if len(ids) != n:
             raise ValueError(f"{name}: {len(ids)} ids for {n} embeddings")
         return ids

@@ -15,6 +15,8 @@ import logging
 
 import numpy as np
 
+from ..atomic import commit_file, remove_stale_temps, temp_path
+from ..cache import fingerprint
 from .retrieval import DenseIndex, _check_ids, _clamp_k, _metric, check_embeddings, ranx_run
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,7 @@ def default_train_size(index, n: int) -> int:
 
 
 def build_index(store, factory: str = "Flat", metric: str = "ip", train_size: int | None = None, seed: int = 0,
-                search_params: str | None = None, progress: bool | None = None):
+                search_params: str | None = None, progress: bool | None = None, cache: bool = True):
     """An index over a store, built in bounded memory.
 
     Args:
@@ -144,9 +146,14 @@ def build_index(store, factory: str = "Flat", metric: str = "ip", train_size: in
         search_params: FAISS search-time parameters, e.g. ``"nprobe=64"`` (IVF lists visited per
             query; FAISS's default of 1 loses recall).
         progress: a bar over the chunks added; default: when there are more than 10.
+        cache: keep the trained and filled index in the store's ``indexes/`` folder, keyed by the
+            factory, metric, training sample size and seed (the store itself is keyed by its encoder
+            and collection), and read it back instead of training and filling again. Written
+            atomically: a kill leaves no index to trust.
 
     Returns:
-        An object with ``search(queries, query_ids, k) -> ranx.Run``, ``__len__``, ``dim``, ``ids``.
+        An object with ``search(queries, query_ids, k) -> ranx.Run``, ``__len__``, ``dim``, ``ids``;
+        its ``from_cache`` says whether the index was read back.
 
     Raises:
         ValueError: a bad factory string, metric or parameter, ``train_size`` below the index's
@@ -164,23 +171,41 @@ def build_index(store, factory: str = "Flat", metric: str = "ip", train_size: in
         index = faiss.index_factory(store.dim, factory, _metric(metric))
     except RuntimeError as e:
         raise ValueError(f"faiss cannot build index {factory!r}: {str(e).splitlines()[-1]}") from None
+    size = None
     if not index.is_trained:
         size = default_train_size(index, len(store)) if train_size is None else int(train_size)
         if not 1 <= size <= len(store):
             raise ValueError(f"train_size must be in [1, {len(store)}], got {train_size!r}")
-        rows = np.sort(np.random.default_rng(seed).choice(len(store), size, replace=False))
-        log.info("training %s on %d of %d rows", factory, size, len(store))
-        try:
-            index.train(store[rows])
-        except RuntimeError as e:
-            raise ValueError(f"faiss cannot train {factory!r} on {size} rows: {str(e).splitlines()[-1]}") from None
-    show = store.num_chunks > 10 if progress is None else progress
-    for _, block in tqdm(store.chunks(), total=store.num_chunks, desc=f"add to {factory}", unit="chunk",
-                         disable=not show):
-        index.add(block)
+    where = store.path / "indexes" / f"{fingerprint(store.key, factory, metric, size, seed)}.faiss" if cache else None
+    from_cache = where is not None and where.exists()
+    if from_cache:
+        log.info("reading the %s index of %s from %s", factory, store.path, where)
+        index = faiss.read_index(str(where))
+    else:
+        if size is not None:
+            rows = np.sort(np.random.default_rng(seed).choice(len(store), size, replace=False))
+            log.info("training %s on %d of %d rows", factory, size, len(store))
+            try:
+                index.train(store[rows])
+            except RuntimeError as e:
+                raise ValueError(f"faiss cannot train {factory!r} on {size} rows: {str(e).splitlines()[-1]}") from None
+        show = store.num_chunks > 10 if progress is None else progress
+        for _, block in tqdm(store.chunks(), total=store.num_chunks, desc=f"add to {factory}", unit="chunk",
+                             disable=not show):
+            index.add(block)
+        if where is not None:
+            remove_stale_temps(where.parent)  # a killed write's leftovers (one process builds indexes)
+            tmp = temp_path(where)
+            try:
+                faiss.write_index(index, str(tmp))
+                commit_file(tmp, where)
+            finally:
+                tmp.unlink(missing_ok=True)
     if search_params:
         try:
             faiss.ParameterSpace().set_index_parameters(index, search_params)
         except RuntimeError as e:
             raise ValueError(f"faiss cannot set {search_params!r} on {factory!r}: {str(e).splitlines()[-1]}") from None
-    return DenseIndex.wrap(index, store.ids, factory, metric)
+    wrapped = DenseIndex.wrap(index, store.ids, factory, metric)
+    wrapped.from_cache = from_cache
+    return wrapped

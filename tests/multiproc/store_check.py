@@ -3,7 +3,8 @@ it is launched with (python / torchrun); the store checks in tests/test_store.py
 
     python store_check.py STORE [--slow SECONDS]
 
-``--slow`` sleeps before encoding each chunk, so a test can kill the run mid-encode.
+``--slow`` sleeps before encoding each chunk, so a test can kill the run mid-encode. A
+:class:`petune.store.StoreError` prints ``rank R: error: ...`` and exits 2, as the recipes do.
 """
 
 import functools
@@ -27,7 +28,11 @@ def main(argv):
     if "--slow" in argv:  # each chunk's encode waits first
         seconds, encode = float(argv[argv.index("--slow") + 1]), petune.embed.encode
         petune.embed.encode = functools.wraps(encode)(lambda *a, **kw: time.sleep(seconds) or encode(*a, **kw))
-    petune.encode_to_store(tiny("bart"), CharTokenizer(), iter(TEXTS), argv[0], chunk_size=CHUNK, progress=False)
+    try:
+        petune.encode_to_store(tiny("bart"), CharTokenizer(), iter(TEXTS), argv[0], chunk_size=CHUNK, progress=False)
+    except petune.store.StoreError as e:
+        print(f"rank {petune.dist.process_state().process_index}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
