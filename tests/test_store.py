@@ -214,6 +214,7 @@ def test_streamed_bm25_equals_bm25s_own_index(method):
     import bm25s
 
     texts = bbc_passages()
+    texts[5:5] = ["No.", "it", "h is to o as o is to v."]  # only stopwords: length 0 (ChatterBot has such answers)
     queries = {f"q{i}": texts[i * 37].split(".")[0] for i in range(60)}
     ref = bm25s.BM25(method=method, k1=0.5, b=0.3)
     ref.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)

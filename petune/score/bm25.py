@@ -114,6 +114,12 @@ def build_bm25s(batches, k1: float = 1.5, b: float = 0.75, method: str = "lucene
         with open(terms_file, "wb") as terms_out, open(counts_file, "wb") as counts_out:
             for batch in batches:  # pass 1: tokens → (term, count) per document, spilled
                 ids = list(tokenizer.streaming_tokenize(batch, update_vocab=True))
+                # a document with no term left (only stopwords: "No.", "it") comes back as bm25s's
+                # empty-string token; bm25s.index counts it as length 0, and so must we (its average
+                # document length, and so every score, would shift)
+                empty = tokenizer.word_to_id.get("")
+                if empty is not None:
+                    ids = [[] if doc == [empty] else doc for doc in ids]
                 lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
                 flat = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
                 docs = np.repeat(np.arange(len(ids), dtype=np.int64), lengths)
