@@ -8,8 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from .card import model_card
 from .atomic import atomic_dir
+from .card import EXAMPLES, base_model_name, encode_code, model_card, packaged_or_name, tokenizer_code
 from .models import d_model
 from .tuned import TunedModel
 
@@ -18,7 +18,9 @@ from .tuned import TunedModel
 EXPORT_CONFIG = "petune_export.json"
 
 
-FORMATS = ("transformers", "sentence-transformers")
+FORMATS = ("transformers", "sentence-transformers", "peft", "adapters")
+#: formats that write the tuned module alone, in its library's layout (petune.adapter_export)
+ADAPTER_FORMATS = ("peft", "adapters")
 
 #: architectures whose encoder sentence-transformers (5.x, ``_ENCODER_ONLY_MODELS``) loads from a
 #: directory: the T5 family through its ``*EncoderModel`` from the whole checkpoint, the others
@@ -85,6 +87,29 @@ def _write_sentence_transformers(tmp: Path, encoder, tokenizer, pooling, prompts
         (tmp / name).write_text(json.dumps(value, indent=2))
 
 
+def _export_adapter(tuned, path: Path, task, format: str, settings: dict, scores_markdown, command) -> Path:
+    """``format="peft"`` / ``"adapters"``: the module of ``task`` (every task's, one folder each,
+    when the model has one module per task and no task is named) with its card."""
+    from . import adapter_export
+
+    write = adapter_export.write_peft if format == "peft" else adapter_export.write_adapters
+    per_task = task is None and tuned.tasks is not None and not tuned.shared
+    base = packaged_or_name(base_model_name(tuned))
+    with atomic_dir(path) as tmp:
+        for name in (tuned.tasks if per_task else [task]):
+            folder = tmp / name if per_task else tmp
+            folder.mkdir(exist_ok=True)
+            write(tuned, tuned.module_for(name), folder)
+            card_settings = {k: repr(v) if k == "prefix" else v for k, v in settings.items()}
+            (folder / "README.md").write_text(model_card(
+                tuned, library=format, settings=card_settings, scores_markdown=scores_markdown, command=command,
+                usage=adapter_export.usage(format, base, settings)))
+            (folder / EXPORT_CONFIG).write_text(json.dumps(
+                {**settings, "method": tuned.method.name, "options": tuned.method.options, "task": name,
+                 "format": format}, indent=1, default=str))
+    return path
+
+
 def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = None, tokenizer=None,
            pooling: str = "mean", prefix: str = "", normalize: bool = False, max_length: int | None = None,
            format: str = "transformers", scores_markdown: str | None = None, command: str | None = None,
@@ -102,6 +127,15 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
     ``petune_export.json`` with the embedding settings to use with it — ``pooling`` (``"mean"``:
     mask-aware mean of the last encoder states; ``"first"``: the first token's state), ``prefix``,
     ``normalize``, ``max_length`` — plus the method, its options and the task.
+
+    ``format="peft"`` / ``"adapters"`` write the tuned module alone, in the layout of the library
+    it came from (:mod:`petune.adapter_export`): a peft adapter folder (prompt tuning, LoRA,
+    (IA)^3) that ``PeftModel.from_pretrained(base, path)`` loads, with a ``sentence-transformers/``
+    copy of its encoder's share that ``SentenceTransformer(base_export).load_adapter(...)`` loads
+    onto a sentence-transformers export of the base (LoRA, (IA)^3); or the adapters library's
+    saved-adapter folder (bottleneck adapters) that ``model.load_adapter(path)`` reads after
+    ``adapters.init(model)``. A model with one module per task and no ``task`` named writes one
+    folder per task (``path/TASK``).
 
     ``format="sentence-transformers"`` writes instead the layout sentence-transformers reads:
     the encoder side of the merged model (an ``EncoderDecoderModel``'s encoder; the whole T5 /
@@ -124,7 +158,7 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         tokenizer: saved beside the weights (optional; required for sentence-transformers).
         max_length: input tokens; for sentence-transformers default the tokenizer's and the
             model's limit (what ``petune.encode`` caps to), at most 512.
-        format: ``"transformers"`` or ``"sentence-transformers"``.
+        format: ``"transformers"``, ``"sentence-transformers"``, ``"peft"`` or ``"adapters"``.
         query_prefix, passage_prefix: an asymmetric retrieval model's prefixes (instead of
             ``prefix``, which must then be empty).
 
@@ -132,10 +166,12 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         The directory.
 
     Raises:
-        ValueError: a method that cannot be merged (adapter, prompt), a model with an added part
-            (the visual embedding), an unknown task, ``pooling`` other than ``"mean"`` / ``"first"``, an unknown
-            ``format``; for sentence-transformers, no tokenizer or an architecture whose encoder it
-            cannot load alone (BART, mBART, LED, ...).
+        ValueError: a method that cannot be merged (adapter, prompt) into a whole-model format, a
+            model with an added part (the visual embedding), an unknown task, ``pooling`` other
+            than ``"mean"`` / ``"first"``, an unknown ``format``; ``"peft"`` for a method peft does
+            not give (bottleneck adapters), ``"adapters"`` for one the adapters library does not;
+            for sentence-transformers, no tokenizer or an architecture whose encoder it cannot
+            load alone (BART, mBART, LED, ...).
     """
     if pooling not in ("mean", "first"):
         raise ValueError(f"export writes encoder pooling 'mean' or 'first', got {pooling!r}")
@@ -151,6 +187,9 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         named = labels[0] + " is" if len(labels) == 1 else ", ".join(labels[:-1]) + f" and {labels[-1]} are"
         raise ValueError(f"{named} not part of any transformers architecture; save with "
                          "petune.save(tuned, path) and load with petune.load(model, path)")
+    if format in ADAPTER_FORMATS:
+        return _export_adapter(tuned, Path(path), task, format, {"prefix": prefix, "max_length": max_length,
+                               "pooling": pooling, "normalize": normalize}, scores_markdown, command)
     module = tuned.module_for(task)
     plain = tuned.method.merged(tuned.model, module)
     settings = {"pooling": pooling, "prefix": prefix, "normalize": normalize, "max_length": max_length,
@@ -161,22 +200,38 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         for side, value in (("query_prefix", prompts["query"]), ("passage_prefix", prompts["document"])):
             settings[side], card_settings[side] = value, repr(value)
         del settings["prefix"], card_settings["prefix"]
+    def encode_options(text_prefix: str) -> dict:  # petune.encode's options as the card shows them
+        shown = {"prefix": text_prefix, "max_length": max_length, "pooling": pooling, "normalize": normalize}
+        return {k: v for k, v in shown.items() if v not in ("", None, False) and (k, v) != ("pooling", "mean")}
+
     if format == "sentence-transformers":
         from .embed import _max_length
 
         encoder = _sentence_transformers_encoder(plain)
         settings["max_length"] = card_settings["max_length"] = max_length = _max_length(
             plain, tokenizer, max_length or min(512, getattr(tokenizer, "model_max_length", 512) or 512))
+        if default_prompt is None and prompts:
+            calls = (f"queries = model.encode_query({EXAMPLES['queries']!r})  # [n, d], the query prompt prepended\n"
+                     f"passages = model.encode_document({EXAMPLES['passages']!r})  # [n, d], the document prompt "
+                     "prepended")
+        else:
+            calls = (f"texts = model.encode({EXAMPLES['texts']!r})  # [n, d]"
+                     + (", the prefix applied as the default prompt" if prefix else ""))
         usage = ("from sentence_transformers import SentenceTransformer\n\n"
-                 f"model = SentenceTransformer({str(path)!r})\n"
-                 + ("q = model.encode_query(queries)  # [n, d], the query prompt prepended\n"
-                    "d = model.encode_document(passages)  # [n, d], the document prompt prepended"
-                    if default_prompt is None and prompts else "vecs = model.encode(texts)  # [n, d]"
-                    + (", prefix applied as the default prompt" if prefix else "")))
+                 "model = SentenceTransformer('.')  # this folder: run from it, or give its path\n" + calls)
     else:
-        usage = ("from transformers import AutoModelForSeq2SeqLM\n\n"
-                 f"model = AutoModelForSeq2SeqLM.from_pretrained({str(path)!r})\n"
-                 f"# embeddings: the settings in {EXPORT_CONFIG} (petune.encode(model, tok, texts, ...))")
+        cls = type(plain).__name__
+        if tokenizer is not None:
+            loaded = (f"from transformers import AutoTokenizer, {cls}\n\n"
+                      f"model = {cls}.from_pretrained('.')  # this folder: run from it, or give its path\n"
+                      "tokenizer = AutoTokenizer.from_pretrained('.')")
+        else:
+            loaded = (f"{tokenizer_code(packaged_or_name(base_model_name(tuned)))}\nfrom transformers import {cls}"
+                      f"\n\nmodel = {cls}.from_pretrained('.')  # this folder: run from it, or give its path")
+        sides = ({"queries": prompts["query"], "passages": prompts["document"]}
+                 if default_prompt is None and prompts else {"texts": prefix})
+        usage = (f"import petune\n{loaded}\n\n"
+                 + encode_code({name: encode_options(p) for name, p in sides.items()}, model="model"))
     card = model_card(tuned, library=format, settings=card_settings, scores_markdown=scores_markdown,
                       command=command, usage=usage)
     with atomic_dir(path) as tmp:

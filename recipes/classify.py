@@ -25,9 +25,9 @@ import sys
 import time
 
 from petune.jobs.common import (DEFAULT_LR, JobError, add_method_args, add_run_args, cache_dir, job_main, load_model,
-                                method_options, start_run, write_model_card, write_report)
+                                method_options, start_run, write_model_card, write_report, encode_settings)
 
-log = logging.getLogger("classify")
+log = logging.getLogger("petune.recipes.classify")
 
 
 def parse_args(argv=None):
@@ -142,7 +142,8 @@ def main(job):
                               f"{len(train)} training and {len(test)} test texts, {len(labels)} labels; kNN "
                               f"(k = {args.k}, weighted vote) over the training embeddings.", "", table, ""])
         write_report(out_dir, markdown, summary)
-        write_model_card(out_dir / "tuned", tuned, command, table)
+        write_model_card(out_dir / "tuned", tuned, command, table, base=args.model,
+                         encodings={"texts": encode_settings(args.max_length, normalize=True)})
     state.wait_for_everyone()
     return 0
 

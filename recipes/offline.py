@@ -38,12 +38,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from petune.jobs.common import cache_dir, job_main, load_model, method_options, start_run, write_report  # noqa: E402
+from petune.jobs.common import (cache_dir, encode_settings, job_main, load_model, method_options,  # noqa: E402
+                                start_run, write_model_card, write_report)
 from petune.jobs.offline import TASKS, build_data, build_tasks, evaluate_model, parse_options, score  # noqa: E402
 from petune.train import Trainer  # noqa: E402
 from petune.dist import main_process_first  # noqa: E402
 
-log = logging.getLogger("offline")
+log = logging.getLogger("petune.recipes.offline")
 
 
 @job_main(lambda argv: parse_options(argv, description=__doc__))
@@ -109,6 +110,11 @@ def main(job):
             + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()) + ")", "",
             "```", str(report), "```", "", *[s + "\n" for s in sections]])
         write_report(out_dir, markdown, summary)
+        settings = dict(normalize=args.similarity == "cosine", pooling=args.pooling)
+        task = (lambda name: name) if multi else (lambda name: None)
+        write_model_card(out_dir / "tuned", tuned, job.command, "\n".join(sections), base=args.model, encodings={
+            "queries": encode_settings(64, task=task("news"), **settings),
+            "passages": encode_settings(args.eval_length, task=task("news"), **settings)})
     state.wait_for_everyone()
     return 0
 

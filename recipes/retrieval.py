@@ -34,10 +34,10 @@ from pathlib import Path
 
 from petune.dist import main_process_first
 from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_mini_batch_arg,
-                                add_run_args, cache_dir, dense_run, job_main, load_model, method_options, start_run,
-                                write_model_card, write_report)
+                                add_run_args, cache_dir, dense_run, encode_settings, job_main, load_model,
+                                method_options, start_run, write_model_card, write_report)
 
-log = logging.getLogger("retrieval")
+log = logging.getLogger("petune.recipes.retrieval")
 METRICS = ["mrr@10", "ndcg@10", "recall@100"]
 
 
@@ -257,7 +257,10 @@ def main(job):
             + (f", dev MRR@10 per epoch {[round(e['dev_mrr@10'], 3) for e in history['eval']]}" if select else "")
             + ".", "", report_markdown(report), ""])
         write_report(out_dir, markdown, summary)
-        write_model_card(out_dir / "tuned", tuned, command, report_markdown(report))
+        write_model_card(out_dir / "tuned", tuned, command, report_markdown(report), base=args.model,
+                         datasets=[args.hub] if args.hub else None, encodings={
+                             "queries": encode_settings(args.query_length, args.query_prefix, normalize),
+                             "passages": encode_settings(args.passage_length, args.passage_prefix, normalize)})
     state.wait_for_everyone()
     return 0
 

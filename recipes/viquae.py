@@ -57,7 +57,7 @@ from petune.train import DPRLoss, RetrievalCollator, Task, Trainer  # noqa: E402
 
 STAGES = ("first_stage", "viquae")
 
-log = logging.getLogger("viquae")
+log = logging.getLogger("petune.recipes.viquae")
 METRICS = ["mrr@100", "precision@1", "precision@20", "hit_rate@20"]
 
 

@@ -46,7 +46,7 @@ from petune.score import DenseIndex, compare, knn_scores, p_values, report_markd
 from petune.train import ClassificationCollator, ClassificationLoss, PairCollator, PairLoss, Task, Trainer  # noqa
 from petune.train.losses import LogitScale, info_nce  # noqa: E402
 
-log = logging.getLogger("vision")
+log = logging.getLogger("petune.recipes.vision")
 METHODS = ["none", "prompt", "adapter", "ia3", "lora"]
 METRICS = ["mrr@10", "recall@1", "recall@10"]
 IMAGE_PREFIX = "image text match: "

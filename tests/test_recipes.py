@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import petune
-from conftest import script
+from conftest import run_card_usage, script
 from petune.data import viquae
 from petune.jobs import offline
 
@@ -179,8 +179,18 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """One uninterrupted single-process run of the offline job, the reference for the tests below."""
+    import logging
+
     out = tmp_path_factory.mktemp("offline-quick")
-    assert script("recipes/offline.py").main([*QUICK, "--output-dir", str(out)]) == 0
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(f"{record.name} {record.getMessage()}")
+    logging.getLogger().addHandler(handler)
+    try:
+        assert script("recipes/offline.py").main([*QUICK, "--output-dir", str(out)]) == 0
+    finally:
+        logging.getLogger().removeHandler(handler)
+    (out / "job.log").write_text("\n".join(lines))  # what the job logged, for test_offline_recipe_quick
     return out
 
 
@@ -197,6 +207,19 @@ def test_offline_recipe_quick(quick_run):
     assert report["steps"] > 0 and report["skipped_steps"] == 0
     assert set(report["seconds"]) >= {"training", "frozen encoding", "tuned encoding"}
     assert (quick_run / "report.md").exists() and (quick_run / "tuned" / "model.safetensors").exists()
+    # a default job's log: its own stages, not other libraries' chatter
+    log = (quick_run / "job.log").read_text()
+    assert "petune.recipes.offline encoding the test split with the tuned model" in log
+    assert "faiss.loader" not in log and "Saving the state" not in log and "checkpointing" not in log
+    assert "Adding adapter" not in log and len(log.splitlines()) < 40, log
+    # the tuned model's card: its usage runs as written and gives the embeddings the job scored with
+    from petune.card import EXAMPLES
+    from petune.data.packaged import minilm_encoder_decoder, minilm_tokenizer
+
+    model, tok = petune.load(minilm_encoder_decoder(), quick_run / "tuned"), minilm_tokenizer()
+    run_card_usage(quick_run / "tuned", {  # --quick scores with 96-token documents, news module, cosine
+        "queries": petune.encode(model, tok, EXAMPLES["queries"], max_length=64, normalize=True, task="news"),
+        "passages": petune.encode(model, tok, EXAMPLES["passages"], max_length=96, normalize=True, task="news")})
 
 
 def test_offline_per_task_options(capsys):

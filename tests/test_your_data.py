@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import petune
-from conftest import script
+from conftest import run_card_usage, script
 from petune.data.beir import load_beir, read_training_file, write_beir
 from petune.data.files import DataError
 from petune.data.labelled import check_splits, read_labelled, split_labelled
@@ -150,7 +150,15 @@ def test_retrieval_job_on_a_beir_directory(tmp_path):
     assert (out / "best" / "petune.json").exists()
     assert "Fisher" in (out / "report.md").read_text()
     card = (out / "tuned" / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: \"petune\"") and "| lora |" in card and "recipes/retrieval.py" in card
+    assert "library_name: petune" in card and "| lora |" in card and "recipes/retrieval.py" in card
+    # the card's usage runs as written elsewhere and gives the embeddings the scores were measured with
+    from petune.card import EXAMPLES
+    from petune.data.packaged import minilm_encoder_decoder, minilm_tokenizer
+
+    tuned, tok = petune.load(minilm_encoder_decoder(), out / "tuned"), minilm_tokenizer()
+    run_card_usage(out / "tuned", {
+        "queries": petune.encode(tuned, tok, EXAMPLES["queries"], max_length=64, normalize=True),
+        "passages": petune.encode(tuned, tok, EXAMPLES["passages"], max_length=96, normalize=True)})
     # the frozen run is BM25-level or better on headline → body, and scores are the report's
     assert report["scores"]["frozen"]["mrr@10"] > 0.5
 
@@ -236,7 +244,7 @@ def test_sentence_transformers_export_gives_petune_embeddings(tmp_path, minilm_t
                          normalize=settings.get("normalize", False))
     np.testing.assert_allclose(served.encode(texts, convert_to_numpy=True), want, atol=1e-5)
     card = (path / "README.md").read_text()
-    assert 'library_name: "sentence-transformers"' in card and "| lora | 0.9 |" in card and "recipes/x.py" in card
+    assert "library_name: sentence-transformers" in card and "| lora | 0.9 |" in card and "recipes/x.py" in card
     assert json.loads((path / "petune_export.json").read_text())["format"] == "sentence-transformers"
 
 
@@ -258,3 +266,69 @@ def test_hub_collections_that_do_not_load_exit_with_the_way_out(tmp_path):
         beir_from_hub("no-such-user/no-such-beir", tmp_path / "x")
     assert retrieval.main(["--hub", "no-such-user/no-such-beir", "--output-dir", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_export_card_usage_runs_as_written(tmp_path, minilm_tokenizer):
+    """The exported folder's card: its usage block, run from the folder in a fresh process, gives
+    petune's embeddings of the tuned model with the export's settings (1e-5)."""
+    import torch
+
+    from petune.card import EXAMPLES
+    from petune.data.packaged import minilm_encoder_decoder
+
+    tuned = petune.attach(minilm_encoder_decoder(), "lora", r=4)
+    for p in tuned.tuned_parameters().values():  # LoRA starts as the identity: make it change something
+        torch.nn.init.normal_(p, std=0.05)
+    path = petune.export(tuned, tmp_path / "exported", tokenizer=minilm_tokenizer, query_prefix="query: ",
+                         passage_prefix="passage: ", max_length=128, normalize=True)
+    run_card_usage(path, {side: petune.encode(tuned, minilm_tokenizer, EXAMPLES[side], prefix=prefix, max_length=128,
+                                              normalize=True)
+                          for side, prefix in (("queries", "query: "), ("passages", "passage: "))})
+
+
+def test_adapter_only_exports_load_in_their_libraries(tmp_path, minilm_tokenizer):
+    """format='peft': PeftModel.from_pretrained and sentence-transformers' load_adapter (on the
+    base's sentence-transformers export) load the folder, one per task; format='adapters': the
+    adapters library's load_adapter; each gives petune's embeddings (1e-5); the peft card runs."""
+    import torch
+    from peft import PeftModel
+
+    from petune.card import EXAMPLES
+    from petune.data.packaged import minilm_encoder_decoder
+
+    texts = ["A short query.", "A much longer passage about markets and what happened there today."]
+    tuned = petune.attach(minilm_encoder_decoder(), "lora", r=4, tasks=["news", "qa"])
+    for p in tuned.tuned_parameters().values():  # LoRA starts as the identity: make it change something
+        torch.nn.init.normal_(p, std=0.05)
+    path = petune.export(tuned, tmp_path / "lora", format="peft", scores_markdown="| run | MRR@10 |", command="x")
+    assert sorted(p.name for p in path.iterdir()) == ["news", "qa"]
+    loaded = PeftModel.from_pretrained(minilm_encoder_decoder(), str(path / "qa")).eval()
+    want = petune.encode(tuned, minilm_tokenizer, texts, task="qa")
+    np.testing.assert_allclose(petune.encode(loaded, minilm_tokenizer, texts), want, atol=1e-5)
+    assert json.loads((path / "qa" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    run_card_usage(path / "qa", {"texts": petune.encode(tuned, minilm_tokenizer, EXAMPLES["texts"], task="qa")})
+
+    st = pytest.importorskip("sentence_transformers", reason="pip install petune[serve]")
+    frozen = petune.attach(minilm_encoder_decoder(), "none")
+    served = st.SentenceTransformer(str(petune.export(frozen, tmp_path / "base-st", tokenizer=minilm_tokenizer,
+                                                      format="sentence-transformers")), device="cpu")
+    served.load_adapter(str(path / "news" / "sentence-transformers"))
+    want = petune.encode(tuned, minilm_tokenizer, texts, task="news", max_length=served.max_seq_length)
+    np.testing.assert_allclose(served.encode(texts, convert_to_numpy=True), want, atol=1e-5)
+
+    import adapters
+
+    bottleneck = petune.attach(minilm_encoder_decoder(), "adapter", reduction_factor=16)
+    for p in bottleneck.tuned_parameters().values():
+        torch.nn.init.normal_(p, std=0.02)
+    folder = petune.export(bottleneck, tmp_path / "adapter", format="adapters")
+    model = minilm_encoder_decoder()
+    adapters.init(model)
+    model.set_active_adapters(model.load_adapter(str(folder)))
+    np.testing.assert_allclose(petune.encode(model.eval(), minilm_tokenizer, texts),
+                               petune.encode(bottleneck, minilm_tokenizer, texts), atol=1e-5)
+    assert "library_name: adapters" in (folder / "README.md").read_text()
+    with pytest.raises(ValueError, match="format='adapters' writes the adapters library's bottleneck adapters"):
+        petune.export(tuned, tmp_path / "x", task="qa", format="adapters")
+    with pytest.raises(ValueError, match="format='peft' writes peft adapters"):
+        petune.export(bottleneck, tmp_path / "x", format="peft")

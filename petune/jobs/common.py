@@ -16,11 +16,12 @@ from typing import Any, NamedTuple
 
 from petune.dist import DEFAULT_COLLECTIVE_TIMEOUT
 
-log = logging.getLogger("recipes")
+log = logging.getLogger("petune.jobs")
 #: written in --output-dir; --resume continues only a run started with the same options
 RUN_OPTIONS = "run_options.json"
 #: options that do not change what a run computes, so they may differ on --resume
-NOT_RUN_IDENTITY = {"output_dir", "resume", "cache_dir", "checkpoint_every", "collective_timeout", "keep_tuned_store"}
+NOT_RUN_IDENTITY = {"output_dir", "resume", "cache_dir", "checkpoint_every", "collective_timeout", "keep_tuned_store",
+                    "verbose"}
 
 #: learning rates that work for each method on the offline recipe (AdamW); --lr overrides
 DEFAULT_LR = {"prompt": 3e-2, "adapter": 2e-3, "ia3": 1e-2, "lora": 2e-3}
@@ -56,6 +57,9 @@ def add_run_args(parser: argparse.ArgumentParser, checkpoint_every: int) -> None
     g.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="optimizer steps between checkpoints")
     g.add_argument("--cache-dir", help="where the frozen model's embeddings and the BM25 runs are cached, keyed by "
                    "model weights, data and options (default: OUTPUT_DIR/cache)")
+    g.add_argument("--verbose", action="store_true", help="also show other libraries' INFO lines (faiss's loader, "
+                   "Accelerate's per-file checkpoint lines, adapters' notices); by default the job shows its own "
+                   "stages, progress bars, warnings and results")
     g.add_argument("--collective-timeout", type=float, help="minutes a process waits at a barrier for the others "
                    "(several processes: the main one works alone while building BM25, IVF indexes or Arrow files); "
                    f"default {DEFAULT_COLLECTIVE_TIMEOUT // 60} (or the environment's PETUNE_COLLECTIVE_TIMEOUT, "
@@ -172,10 +176,20 @@ class Job(NamedTuple):
     command: str
 
 
+def configure_logging(verbose: bool = False) -> None:
+    """A job's log: petune's own lines (its stages, what it caches and reuses) at INFO, other
+    libraries' at WARNING — faiss's loader attempts, Accelerate's line per checkpoint file,
+    adapters' "Adding adapter" — unless ``verbose``, which shows every library's INFO lines."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("petune").setLevel(logging.INFO)
+
+
 def job_main(parse):
     """Make a recipe's ``main(argv=None)`` from ``body(job: Job)``, parsing ``argv`` with ``parse``.
 
-    Logs at INFO and turns the user's mistakes into one line: :class:`JobError` (and
+    Logs petune's lines at INFO (:func:`configure_logging`; ``--verbose``: every library's) and
+    turns the user's mistakes into one line: :class:`JobError` (and
     :class:`RunMismatch`), :class:`petune.data.files.DataError`,
     :class:`petune.data.viquae.MissingDataError` and :class:`petune.store.StoreError` raised by
     ``body`` are printed as ``error: ...`` on stderr and ``main`` returns exit status 2; raise them
@@ -192,7 +206,7 @@ def job_main(parse):
         @functools.wraps(body)
         def main(argv=None):
             args = parse(argv)
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+            configure_logging(getattr(args, "verbose", False))
             if getattr(args, "collective_timeout", None) is not None:
                 if not args.collective_timeout > 0:
                     print(f"error: --collective-timeout must be positive, got {args.collective_timeout}",
@@ -288,13 +302,24 @@ def write_report(output_dir: Path, markdown: str, data: dict) -> None:
     print(markdown)
 
 
-def write_model_card(directory: Path, tuned, command: str, scores_markdown: str) -> None:
+def write_model_card(directory: Path, tuned, command: str, scores_markdown: str, *, base: str | None,
+                     encodings: dict[str, dict], datasets: list[str] | None = None) -> None:
     """``README.md`` (a Hugging Face model card) beside the tuned parameters a recipe saved: base
-    model, method, trainable parameters, and the run's scores with its command."""
-    from petune.card import base_model_name, model_card, write_card
+    model, method, trainable parameters, the run's scores with its command, and a usage block that
+    runs as written from that folder on another machine: the base built as the recipe built it
+    (``base``: ``--model``, ``None`` for the packaged MiniLM), ``petune.load``, and
+    ``petune.encode`` with the settings the scores were measured with (``encodings``:
+    ``{"queries": {...}, "passages": {...}}``, see :func:`petune.card.usage_code`)."""
+    from petune.card import model_card, usage_code, write_card
 
-    base = base_model_name(tuned) or "BASE_MODEL"
-    usage = (f"from transformers import AutoModelForSeq2SeqLM\nimport petune\n\n"
-             f"tuned = petune.load(AutoModelForSeq2SeqLM.from_pretrained({base!r}), {str(directory)!r})\n"
-             "vecs = petune.encode(tuned, tokenizer, texts)  # [n, d]")
-    write_card(directory, model_card(tuned, scores_markdown=scores_markdown, command=command, usage=usage))
+    usage = usage_code(base, encodings)
+    write_card(directory, model_card(tuned, scores_markdown=scores_markdown, command=command, usage=usage, base=base,
+                                     datasets=datasets))
+
+
+def encode_settings(max_length: int, prefix: str = "", normalize: bool = False, pooling: str = "mean",
+                    task: str | None = None) -> dict:
+    """``petune.encode`` keyword options as a card shows them: those that differ from its defaults."""
+    options = {"max_length": max_length, "prefix": prefix, "normalize": normalize, "pooling": pooling, "task": task}
+    defaults = {"prefix": "", "normalize": False, "pooling": "mean", "task": None}
+    return {k: v for k, v in options.items() if k not in defaults or v != defaults[k]}

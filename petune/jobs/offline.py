@@ -24,7 +24,7 @@ from ..score import BM25, DenseIndex, compare, knn_scores, p_values, report_mark
 from ..train import ClassificationCollator, ClassificationLoss, DPRLoss, RetrievalCollator, Task
 from .common import DEFAULT_LR, add_method_args, add_mini_batch_arg, add_run_args
 
-log = logging.getLogger("offline")
+log = logging.getLogger("petune.recipes.offline")
 METRICS = ["mrr@10", "precision@1", "recall@10", "ndcg@10"]
 TASKS = ("news", "topic", "qa")
 
@@ -67,6 +67,7 @@ class OfflineOptions:
     checkpoint_every: int
     cache_dir: str | None
     collective_timeout: float | None = None
+    verbose: bool = False
 
 
 def parse_options(argv=None, description: str | None = None) -> OfflineOptions:

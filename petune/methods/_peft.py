@@ -43,10 +43,15 @@ class PeftMethod(Method):
         """peft's ``merge_and_unload`` of ``module`` on a copy: the update folded into the weights
         (LoRA: ``W + (alpha / r) · B A``; (IA)^3: the scaling vectors multiplied in)."""
         import copy
+        import warnings
 
         clone = copy.deepcopy(model)
         clone.set_adapter(module)
-        return clone.merge_and_unload(adapter_names=[module])
+        with warnings.catch_warnings():
+            # peft compares the encoder's input embeddings with the decoder's output ones: in an
+            # EncoderDecoderModel they were never one tensor, so "no longer tied" is no news
+            warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied")
+            return clone.merge_and_unload(adapter_names=[module])
 
 
 def positive_int(name: str, value) -> int:
