@@ -254,7 +254,7 @@ def stage_bm25_search(work: Path, n: int) -> dict:
     out = {"seconds_load": loaded, "base": base, "cores": os.cpu_count()}
     for key, threads, backend in (("seconds", 1, "numpy"), ("seconds_threads", None, "numpy"),
                                   ("seconds_numba", None, "numba")):
-        bm25.n_threads = BM25(["x"], n_threads=threads).n_threads
+        bm25.n_threads = threads or os.cpu_count()
         bm25.retriever.backend = backend
         if backend == "numba":
             bm25._search(dict(list(texts.items())[:2]), k=100)  # numba compiles on the first call

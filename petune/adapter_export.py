@@ -79,9 +79,10 @@ def write_adapters(tuned, module: str, folder: Path) -> None:
     tuned.model.save_adapter(str(folder), module)
 
 
-def usage(format: str, base: str | None, settings: dict) -> str:
+def usage(format: str, base: str | None, settings: dict, method: str) -> str:
     """A card's usage block for an adapter folder: the base built as :func:`petune.card.base_code`
-    builds it, the library's own loading call, and petune.encode with the export's settings."""
+    builds it, the library's own loading call, and petune.encode with the export's settings
+    (not for soft prompts, which act in peft's forward, not in the encoder petune.encode calls)."""
     from .card import base_code, encode_code
 
     options = {k: v for k, v in settings.items() if v not in ("", None, False) and (k, v) != ("pooling", "mean")}
@@ -91,4 +92,9 @@ def usage(format: str, base: str | None, settings: dict) -> str:
     else:
         imports, load = "import adapters", ("adapters.init(base)\nbase.set_active_adapters(base.load_adapter('.'))  "
                                             "# this folder: run from it, or give its path\nmodel = base")
-    return f"import petune\n{imports}\n{base_code(base)}\n\n{load}\n" + encode_code({"texts": options}, model="model")
+    head = f"import petune\n{imports}\n{base_code(base)}\n\n{load}\n"
+    if method == "prompt":
+        return head + ("# the soft prompt is prepended in peft's forward (model(input_ids=..., attention_mask=...)); "
+                       "petune.encode\n# reads the encoder alone: for petune's embeddings use petune.save / "
+                       "petune.load instead")
+    return head + encode_code({"texts": options}, model="model")

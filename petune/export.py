@@ -103,7 +103,7 @@ def _export_adapter(tuned, path: Path, task, format: str, settings: dict, scores
             card_settings = {k: repr(v) if k == "prefix" else v for k, v in settings.items()}
             (folder / "README.md").write_text(model_card(
                 tuned, library=format, settings=card_settings, scores_markdown=scores_markdown, command=command,
-                usage=adapter_export.usage(format, base, settings)))
+                usage=adapter_export.usage(format, base, settings, tuned.method.name)))
             (folder / EXPORT_CONFIG).write_text(json.dumps(
                 {**settings, "method": tuned.method.name, "options": tuned.method.options, "task": name,
                  "format": format}, indent=1, default=str))
