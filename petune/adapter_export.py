@@ -46,13 +46,17 @@ def write_peft(tuned, module: str, folder: Path) -> None:
     model_type = getattr(base.config, "model_type", "")
     if tuned.method.name != "prompt" and (type(base).__name__ == "EncoderDecoderModel"
                                           or model_type in ST_WHOLE_CHECKPOINT + ST_ENCODER_ALONE):
-        write_peft_encoder(folder, folder / ENCODER_FOLDER, strip_encoder=model_type not in ST_WHOLE_CHECKPOINT)
+        encoder = base.get_encoder()
+        where = next(name for name, module in base.named_modules() if module is encoder)  # "encoder", "model.encoder"
+        write_peft_encoder(folder, folder / ENCODER_FOLDER, f"{where}.", strip=model_type not in ST_WHOLE_CHECKPOINT)
 
 
-def write_peft_encoder(folder: Path, dest: Path, strip_encoder: bool) -> None:
-    """The encoder's share of a peft adapter, named as in the model sentence-transformers loads
-    (an ``EncoderDecoderModel``'s or Pegasus / Marian's encoder alone: ``encoder.`` dropped from
-    each key; T5's ``*EncoderModel``: the keys as they are); the decoder's entries left out."""
+def write_peft_encoder(folder: Path, dest: Path, encoder: str, strip: bool) -> None:
+    """The encoder's share of a peft adapter (the keys under ``encoder``, the encoder's path in the
+    seq2seq model), named as in the model sentence-transformers loads: an ``EncoderDecoderModel``'s
+    or Pegasus / Marian's encoder alone (``strip``: that path dropped from each key), T5's
+    ``*EncoderModel`` (the keys as they are). The decoder's entries are left out; an adapter with
+    none in the encoder writes nothing."""
     from safetensors.torch import load_file, save_file
 
     weights = load_file(str(folder / PEFT_FILES[1]))
@@ -60,9 +64,11 @@ def write_peft_encoder(folder: Path, dest: Path, strip_encoder: bool) -> None:
     kept = {}
     for key, value in weights.items():
         inner = key[len(prefix):] if key.startswith(prefix) else key
-        if not inner.startswith("encoder."):
+        if not inner.startswith(encoder):
             continue  # the decoder's (and cross-attention's) updates: the encoder alone has no place for them
-        kept[prefix + (inner[len("encoder."):] if strip_encoder else inner)] = value.contiguous()
+        kept[prefix + (inner[len(encoder):] if strip else inner)] = value.contiguous()
+    if not kept:
+        return
     dest.mkdir()
     save_file(kept, str(dest / PEFT_FILES[1]))
     shutil.copy(folder / PEFT_FILES[0], dest / PEFT_FILES[0])

@@ -84,12 +84,15 @@ def agree_on_errors(error: BaseException | None) -> None:
     if error is not None:
         raise error
     rank, (cls, message) = failed[0]
-    text = f"process {rank} failed: {message}"
+    raise _carried(cls, f"process {rank} failed: {message}")
+
+
+def _carried(cls, text: str) -> BaseException:
+    """Another process's failure, raised here: its class when it is built from one message."""
     try:
-        carried = cls(text)
-    except Exception:  # an exception class that is not built from one message
-        carried = RuntimeError(f"{cls.__name__}: {text}")
-    raise carried
+        return cls(text)
+    except Exception:
+        return RuntimeError(f"{cls.__name__}: {text}")
 
 
 def _longest_first(lengths) -> np.ndarray:
@@ -178,11 +181,7 @@ def main_process_first():
         broadcast_object_list(verdict)  # waits for the main process's block to end
         if verdict[0] is not None:
             cls, message = verdict[0]
-            try:
-                carried = cls(f"process 0 failed: {message}")
-            except Exception:
-                carried = RuntimeError(f"{cls.__name__}: process 0 failed: {message}")
-            raise carried
+            raise _carried(cls, f"process 0 failed: {message}")
         yield
         return
     try:

@@ -162,11 +162,12 @@ def script(path: str):
     return _SCRIPTS[path]
 
 
-def run_card_usage(folder: Path, expected: dict, atol: float = 1e-5):
-    """Run the usage block of ``folder``'s model card (README.md) as written, in a fresh process
+def run_card_usage(folder, expected: dict | None = None, atol: float = 1e-5):
+    """Run the usage block of a model card (``folder``/README.md) as written, in a fresh process
     whose working directory is the folder, and compare the embeddings it leaves in the variables
     named by ``expected`` with ``expected``'s arrays; also check the card's metadata with
-    ``huggingface_hub`` and that it names no absolute path or wrapper class."""
+    ``huggingface_hub`` and that it names no absolute path or wrapper class. ``folder`` may be a
+    dict ``{folder: expected}``: every card runs in one fresh process, each from its own folder."""
     import subprocess
     import sys
 
@@ -175,15 +176,19 @@ def run_card_usage(folder: Path, expected: dict, atol: float = 1e-5):
 
     from petune.card import usage_block
 
-    text = (Path(folder) / "README.md").read_text()
-    card = ModelCard(text)
-    assert card.data.library_name and card.data.pipeline_tag and "petune" in card.data.tags
-    assert "WithAdapters" not in text and str(Path.home()) not in text and "site-packages" not in text
-    code = usage_block(text) + "\nimport numpy as _np\n" + "".join(
-        f"_np.save('card-{name}.npy', _np.asarray({name}))\n" for name in expected)
+    cards = folder if isinstance(folder, dict) else {folder: expected}
+    script = "import os\n"
+    for where, want in cards.items():
+        text = (Path(where) / "README.md").read_text()
+        card = ModelCard(text)
+        assert card.data.library_name and card.data.pipeline_tag and "petune" in card.data.tags
+        assert "WithAdapters" not in text and str(Path.home()) not in text and "site-packages" not in text
+        code = usage_block(text) + "\nimport numpy as _np\n" + "".join(
+            f"_np.save('card-{name}.npy', _np.asarray({name}))\n" for name in want)
+        script += f"os.chdir({str(where)!r})\nexec({code!r}, {{}})\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, f"the card's usage failed:\n{code}\n{done.stderr[-3000:]}"
-    for name, want in expected.items():
-        np.testing.assert_allclose(np.load(Path(folder) / f"card-{name}.npy"), want, atol=atol, err_msg=name)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"a card's usage failed:\n{script}\n{done.stderr[-3000:]}"
+    for where, want in cards.items():
+        for name, value in want.items():
+            np.testing.assert_allclose(np.load(Path(where) / f"card-{name}.npy"), value, atol=atol, err_msg=name)

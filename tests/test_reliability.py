@@ -58,10 +58,10 @@ def test_a_second_collection_gets_its_own_store_and_the_first_stays(tmp_path):
 @pytest.mark.multiproc
 def test_collective_timeout_is_the_option_given(tmp_path):
     """Item 2: the process group waits as long as PETUNE_COLLECTIVE_TIMEOUT (the recipes'
-    --collective-timeout) says: a 1 s wait passes a 4 s barrier timeout, a 10 s one fails it —
+    --collective-timeout) says: a 0.5 s wait passes a 4 s barrier timeout, a 6 s one fails it —
     in seconds, not after torch's 30 minutes."""
     start = time.time()
-    done = subprocess.run([*TORCHRUN, str(HERE / "multiproc" / "dist_check.py"), "timeout", "1", "10"],
+    done = subprocess.run([*TORCHRUN, str(HERE / "multiproc" / "dist_check.py"), "timeout", "0.5", "6"],
                           env={**ENV, "PETUNE_COLLECTIVE_TIMEOUT": "4"}, capture_output=True, text=True, timeout=120)
     out = done.stdout + done.stderr
     assert "rank 1: timeout 4 s" in out and "rank 1: barrier 1 passed" in out, out[-3000:]
@@ -86,10 +86,14 @@ def test_collective_timeout_default_and_bad_values(monkeypatch):
 def test_an_error_on_one_process_reaches_every_process(tmp_path):
     """Item 3: one corrupted chunk, owned by process 1: both processes exit 2 with the message at
     once (before, process 0 waited at the next barrier until the collective timeout)."""
+    import torch
+
     check = str(HERE / "multiproc" / "store_check.py")
     store = tmp_path / "store"
-    first = subprocess.run([sys.executable, check, str(store)], env=ENV, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-3000:]
+    checked = script("tests/multiproc/store_check.py")
+    with torch.no_grad():  # the store the check script writes, written here (no process to start)
+        petune.encode_to_store(tiny("bart"), CharTokenizer(), iter(checked.TEXTS), store, chunk_size=checked.CHUNK,
+                               progress=False)
     meta_file = store / "chunk-000001.json"  # chunk 1 belongs to process 1 of 2
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({**meta, "texts": "0" * 24}))
@@ -342,10 +346,21 @@ def test_bm25_searches_on_every_core_with_the_same_results():
     one = BM25(docs, n_threads=1, stopwords=None).search(queries, k=10).to_dict()
     assert BM25(docs, stopwords=None).n_threads == os.cpu_count()
     assert BM25(docs, n_threads=2, stopwords=None).search(queries, k=10).to_dict() == one
-    fast = BM25(docs, backend="numba", stopwords=None).search(queries, k=10).to_dict()
-    assert {q: sorted(d.values()) for q, d in fast.items()} == {q: sorted(d.values()) for q, d in one.items()}
     with pytest.raises(ValueError, match="backend"):
         BM25(docs, backend="jax")
+
+
+@pytest.mark.slow
+def test_bm25_numba_backend_gives_the_same_scores():
+    """Item 13: bm25s's compiled backend (its first call compiles for several seconds): the same
+    top-k scores as numpy's; documents tied at the cut-off may be others."""
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(300)]
+    docs = [" ".join(rng.choice(vocab, 12)) for _ in range(500)]
+    queries = {f"q{i}": " ".join(rng.choice(vocab, 4)) for i in range(60)}
+    one = BM25(docs, n_threads=1, stopwords=None).search(queries, k=10).to_dict()
+    fast = BM25(docs, backend="numba", stopwords=None).search(queries, k=10).to_dict()
+    assert {q: sorted(d.values()) for q, d in fast.items()} == {q: sorted(d.values()) for q, d in one.items()}
 
 
 def test_compressed_indexes_are_cached_in_their_store(tmp_path, caplog):

@@ -268,28 +268,12 @@ def test_hub_collections_that_do_not_load_exit_with_the_way_out(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-def test_export_card_usage_runs_as_written(tmp_path, minilm_tokenizer):
-    """The exported folder's card: its usage block, run from the folder in a fresh process, gives
-    petune's embeddings of the tuned model with the export's settings (1e-5)."""
-    import torch
-
-    from petune.card import EXAMPLES
-    from petune.data.packaged import minilm_encoder_decoder
-
-    tuned = petune.attach(minilm_encoder_decoder(), "lora", r=4)
-    for p in tuned.tuned_parameters().values():  # LoRA starts as the identity: make it change something
-        torch.nn.init.normal_(p, std=0.05)
-    path = petune.export(tuned, tmp_path / "exported", tokenizer=minilm_tokenizer, query_prefix="query: ",
-                         passage_prefix="passage: ", max_length=128, normalize=True)
-    run_card_usage(path, {side: petune.encode(tuned, minilm_tokenizer, EXAMPLES[side], prefix=prefix, max_length=128,
-                                              normalize=True)
-                          for side, prefix in (("queries", "query: "), ("passages", "passage: "))})
-
-
 def test_adapter_only_exports_load_in_their_libraries(tmp_path, minilm_tokenizer):
     """format='peft': PeftModel.from_pretrained and sentence-transformers' load_adapter (on the
     base's sentence-transformers export) load the folder, one per task; format='adapters': the
-    adapters library's load_adapter; each gives petune's embeddings (1e-5); the peft card runs."""
+    adapters library's load_adapter; each gives petune's embeddings (1e-5). The cards of the peft
+    folder and of a transformers export (merged, with query and passage prefixes) run as written
+    in a fresh process and give petune's embeddings."""
     import torch
     from peft import PeftModel
 
@@ -306,7 +290,13 @@ def test_adapter_only_exports_load_in_their_libraries(tmp_path, minilm_tokenizer
     want = petune.encode(tuned, minilm_tokenizer, texts, task="qa")
     np.testing.assert_allclose(petune.encode(loaded, minilm_tokenizer, texts), want, atol=1e-5)
     assert json.loads((path / "qa" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
-    run_card_usage(path / "qa", {"texts": petune.encode(tuned, minilm_tokenizer, EXAMPLES["texts"], task="qa")})
+    merged = petune.export(tuned, tmp_path / "merged", task="news", tokenizer=minilm_tokenizer,
+                           query_prefix="query: ", passage_prefix="passage: ", max_length=128, normalize=True)
+    run_card_usage({
+        path / "qa": {"texts": petune.encode(tuned, minilm_tokenizer, EXAMPLES["texts"], task="qa")},
+        merged: {side: petune.encode(tuned, minilm_tokenizer, EXAMPLES[side], task="news", prefix=prefix,
+                                     max_length=128, normalize=True)
+                 for side, prefix in (("queries", "query: "), ("passages", "passage: "))}})
 
     st = pytest.importorskip("sentence_transformers", reason="pip install petune[serve]")
     frozen = petune.attach(minilm_encoder_decoder(), "none")

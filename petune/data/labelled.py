@@ -52,8 +52,8 @@ def read_labelled(source: str | os.PathLike, text_column: str = "text", label_co
     Raises:
         DataError: a missing column, a malformed line, text that is not UTF-8, an empty text or
             label, an unlabelled row (``-1`` in a ``ClassLabel`` column), a CSV the ``csv`` module
-            cannot read (a NUL byte, a field over its size limit), no rows at all; each names the
-            file and the line.
+            cannot read (a field over its size limit), no rows at all; each names the file and
+            the line.
     """
     path = Path(source)
     if split is None and not path.exists() and ":" in str(source):
@@ -77,8 +77,8 @@ def read_labelled(source: str | os.PathLike, text_column: str = "text", label_co
                 labels.append(row[label_column].strip())
                 where.append(f"{path}:{reader.line_num}")
         except csv.Error as e:
-            raise DataError(path, reader.line_num, f"not readable as CSV ({e})", "remove NUL bytes and over-long "
-                            "fields, or save the file again as plain UTF-8 CSV") from None
+            raise DataError(path, reader.line_num, f"not readable as CSV ({e})", "shorten over-long fields, or save "
+                            "the file again as plain UTF-8 CSV") from None
     elif path.suffix in (".jsonl", ".json") and path.is_file():
         for number, row in jsonl_rows(path, {text_column: str, label_column: (str, int)}, LINE):
             _check(path, number, row[text_column], row[label_column], text_column, label_column)
