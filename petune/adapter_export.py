@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from .card import base_model_name, is_hub_id, packaged_or_name
+from .models import ST_ENCODER_ALONE, ST_WHOLE_CHECKPOINT
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 #: where a peft export puts the encoder-side copy that sentence-transformers' load_adapter reads
@@ -28,8 +29,6 @@ def write_peft(tuned, module: str, folder: Path) -> None:
     adapter not named ``default`` in a subfolder), its ``base_model_name_or_path`` a hub id or
     nothing; then the encoder-side copy (:func:`write_peft_encoder`) where sentence-transformers
     can load the encoder alone."""
-    from .export import ST_ENCODER_ALONE, ST_WHOLE_CHECKPOINT
-
     if tuned.method.library != "peft":
         raise ValueError(f"format='peft' writes peft adapters (prompt, lora, ia3); {tuned.method.name!r} comes from "
                          f"{tuned.method.library}: use format='adapters' for bottleneck adapters, or petune.save")

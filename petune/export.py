@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .atomic import atomic_dir
 from .card import EXAMPLES, base_model_name, encode_code, model_card, packaged_or_name, tokenizer_code
-from .models import d_model
+from .models import ST_ENCODER_ALONE, ST_WHOLE_CHECKPOINT, d_model
 from .tuned import TunedModel
 
 #: the embedding settings written beside the exported weights (like sentence-transformers'
@@ -22,13 +22,6 @@ FORMATS = ("transformers", "sentence-transformers", "peft", "adapters")
 #: formats that write the tuned module alone, in its library's layout (petune.adapter_export)
 ADAPTER_FORMATS = ("peft", "adapters")
 
-#: architectures whose encoder sentence-transformers (5.x, ``_ENCODER_ONLY_MODELS``) loads from a
-#: directory: the T5 family through its ``*EncoderModel`` from the whole checkpoint, the others
-#: through their bare ``*Encoder`` class, which needs the encoder's own weights (from a whole
-#: checkpoint it would silently start from random weights); an ``EncoderDecoderModel``'s encoder
-#: is a model of its own
-ST_WHOLE_CHECKPOINT = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
-ST_ENCODER_ALONE = ("pegasus", "pegasus_x", "marian", "m2m_100", "blenderbot", "blenderbot-small")
 
 
 def _sentence_transformers_encoder(plain):

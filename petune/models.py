@@ -346,3 +346,12 @@ def describe(model: nn.Module) -> str:
     for method in ("lora", "ia3"):
         lines.append(f"  {method}: {default_targets(model, method)}")
     return "\n".join(lines)
+
+
+#: architectures whose encoder sentence-transformers (5.x, ``_ENCODER_ONLY_MODELS``) loads from a
+#: directory: the T5 family through its ``*EncoderModel`` from the whole checkpoint, the others
+#: through their bare ``*Encoder`` class, which needs the encoder's own weights (from a whole
+#: checkpoint it would silently start from random weights); an ``EncoderDecoderModel``'s encoder
+#: is a model of its own
+ST_WHOLE_CHECKPOINT = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+ST_ENCODER_ALONE = ("pegasus", "pegasus_x", "marian", "m2m_100", "blenderbot", "blenderbot-small")

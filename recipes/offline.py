@@ -41,6 +41,7 @@ import petune  # noqa: E402
 from petune.jobs.common import (cache_dir, encode_settings, job_main, load_model, method_options,  # noqa: E402
                                 start_run, write_model_card, write_report)
 from petune.jobs.offline import TASKS, build_data, build_tasks, evaluate_model, parse_options, score  # noqa: E402
+from petune.score.runs import RUNS_DIR  # noqa: E402
 from petune.train import Trainer  # noqa: E402
 from petune.dist import main_process_first  # noqa: E402
 
@@ -86,7 +87,8 @@ def main(job):
     if state.is_main_process:
         label = f"{args.method} ({args.tasks_mode})"
         mark = time.time()
-        results, sections = score(data, {"frozen": frozen, label: tuned_eval}, fuse_with_bm25=label)
+        results, sections = score(data, {"frozen": frozen, label: tuned_eval}, fuse_with_bm25=label,
+                                  runs_dir=out_dir / RUNS_DIR)
         seconds["scoring (BM25 search, ranx, Fisher)"] = time.time() - mark
         petune.save(tuned, out_dir / "tuned")
         report = tuned.trainable_report()

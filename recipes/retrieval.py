@@ -194,7 +194,8 @@ def dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state):
 @job_main(parse_args)
 def main(job):
     import petune
-    from petune.score import BM25, compare, p_values, report_markdown
+    from petune.score import BM25, compare, p_values, report_markdown, save_runs
+    from petune.score.runs import RUNS_DIR
     from petune.train import DPRLoss, RetrievalCollator, Task, Trainer
 
     args, state, out_dir, started, _ = job
@@ -237,7 +238,9 @@ def main(job):
     if state.is_main_process:
         runs = {"BM25": bm25.search(test, k=min(100, len(data.corpus))), "frozen": frozen_run,
                 args.method: tuned_run}
-        report = compare(data.qrels["test"], ids_of(data.corpus, runs), metrics=METRICS)
+        named = ids_of(data.corpus, runs)
+        save_runs(out_dir / RUNS_DIR, data.qrels["test"], named)  # paired comparisons later: compare(qrels, files)
+        report = compare(data.qrels["test"], named, metrics=METRICS)
         petune.save(tuned, out_dir / "tuned")
         command = job.command
         summary = {

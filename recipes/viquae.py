@@ -52,7 +52,8 @@ from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method
                                 write_report)
 from petune.data import viquae  # noqa: E402
 from petune.dist import main_process_first  # noqa: E402
-from petune.score import BM25, compare, p_values, report_markdown  # noqa: E402
+from petune.score import BM25, compare, p_values, report_markdown, save_runs  # noqa: E402
+from petune.score.runs import RUNS_DIR  # noqa: E402
 from petune.train import DPRLoss, RetrievalCollator, Task, Trainer  # noqa: E402
 
 STAGES = ("first_stage", "viquae")
@@ -195,6 +196,7 @@ def main(job):
         if frozen_run is not None:
             runs["frozen" if images is None else "frozen (text only)"] = frozen_run
         runs[label] = tuned_run
+        save_runs(out_dir / RUNS_DIR, qrels["test"], runs)  # paired comparisons later: compare(qrels, files)
         report = compare(qrels["test"], runs, metrics=METRICS)
         petune.save(tuned, out_dir / "tuned")
         summary = {

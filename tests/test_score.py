@@ -219,3 +219,37 @@ def test_bm25_run_and_hard_negatives():
     assert bm25.hard_negatives({"q": "cat"}, {"q": {"d3": 1}}, k=4, n=1) == {"q": ranked[1:2]}
     with pytest.raises(ValueError, match="at least one document"):
         BM25({})
+
+
+def test_runs_and_qrels_files_round_trip_and_compare_from_paths(tmp_path):
+    """Runs saved as TREC files (a name with spaces kept as one tag field), qrels as TREC qrels;
+    compare() takes their paths, another tool's TREC file and ranx JSON, and gives the p-values of
+    the runs in memory."""
+    from petune.score import compare, load_qrels, load_run, p_values, save_qrels, save_run, save_runs
+
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(30)}
+    rng = np.random.default_rng(0)
+    runs = {name: make_run({f"q{i}": {f"d{j}": float(rng.random() + (j == i) * bonus) for j in range(12)}
+                            for i in range(30)}, name=name)
+            for name, bonus in (("BM25", 0.2), ("adapter (multi)", 1.0))}
+    written = save_runs(tmp_path / "runs", qrels, runs)
+    assert sorted(p.name for p in written.values()) == ["BM25.trec", "adapter_multi.trec", "qrels.trec"]
+    first = (tmp_path / "runs" / "adapter_multi.trec").read_text().splitlines()[0].split()
+    assert len(first) == 6 and first[1] == "Q0" and first[3] == "1" and first[5] == "adapter_(multi)"
+    back = load_run(written["adapter (multi)"])
+    assert back.name == "adapter_(multi)"
+    for q, docs in runs["adapter (multi)"].to_dict().items():
+        assert back.to_dict()[q] == pytest.approx(docs)
+    assert load_qrels(written["qrels"]).to_dict() == qrels
+    other = tmp_path / "other-tool.txt"  # a TREC run another tool wrote
+    other.write_text("".join(f"q{i} Q0 d{i} 1 9.5 pyserini\nq{i} Q0 d{(i + 1) % 12} 2 3.0 pyserini\n"
+                             for i in range(30)))
+    save_run(runs["BM25"], tmp_path / "bm25.json")
+    save_qrels(qrels, tmp_path / "qrels.json")
+    in_memory = p_values(compare(qrels, runs, metrics=["mrr@10"]))
+    from_files = compare(written["qrels"], {"BM25": tmp_path / "bm25.json", "pyserini": other,
+                                            "adapter (multi)": written["adapter (multi)"]}, metrics=["mrr@10"])
+    assert p_values(from_files)["BM25 vs adapter (multi)"] == in_memory["BM25 vs adapter (multi)"]
+    assert from_files.results["pyserini"]["mrr@10"] == pytest.approx(1.0)
+    with pytest.raises(FileNotFoundError, match="no run file"):
+        load_run(tmp_path / "nope.trec")

@@ -149,6 +149,13 @@ def test_retrieval_job_on_a_beir_directory(tmp_path):
     assert [e["step"] for e in report["dev"]] == [5, 10]  # 34 examples / batch 6: 5 steps per epoch
     assert (out / "best" / "petune.json").exists()
     assert "Fisher" in (out / "report.md").read_text()
+    # the runs are saved beside the report: compared from their files, the same scores
+    from petune.score import compare
+
+    again = compare(out / "runs" / "qrels.trec", {n: out / "runs" / f"{n}.trec" for n in ("BM25", "frozen", "lora")},
+                    metrics=["mrr@10"])
+    assert {n: again.results[n]["mrr@10"] for n in again.results} == pytest.approx(
+        {n: report["scores"][n]["mrr@10"] for n in again.results})
     card = (out / "tuned" / "README.md").read_text()
     assert "library_name: petune" in card and "| lora |" in card and "recipes/retrieval.py" in card
     # the card's usage runs as written elsewhere and gives the embeddings the scores were measured with

@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..data.packaged import bbc_news, bbc_retrieval, chatterbot_qa, split_ids
 from ..embed import POOLINGS, encode_sharded
-from ..score import BM25, DenseIndex, compare, knn_scores, p_values, report_markdown
+from ..score import BM25, DenseIndex, compare, knn_scores, p_values, report_markdown, save_runs
 from ..train import ClassificationCollator, ClassificationLoss, DPRLoss, RetrievalCollator, Task
 from .common import DEFAULT_LR, add_method_args, add_mini_batch_arg, add_run_args
 
@@ -298,10 +299,12 @@ def fused_name(system: str) -> str:
     return f"BM25 + {system}, RRF"
 
 
-def score(data, systems: dict[str, dict], fuse_with_bm25: str | None = None):
+def score(data, systems: dict[str, dict], fuse_with_bm25: str | None = None, runs_dir=None):
     """Compare systems (``{name: evaluate_model(...)}``) with BM25 on the --eval-split; with
     ``fuse_with_bm25``, also that system fused with BM25 by reciprocal rank fusion (ranx, k=60),
-    as an extra row named :func:`fused_name`.
+    as an extra row named :func:`fused_name`. ``runs_dir``: every run and the qrels are written
+    there as TREC files, one folder per collection (``runs_dir/news``, ``runs_dir/qa``), for
+    paired comparisons across runs later (:func:`petune.score.compare` takes their paths).
 
     Returns ``(results, markdown sections)``; Fisher's randomization test, p ≤ 0.01."""
     from ranx import fuse
@@ -315,6 +318,8 @@ def score(data, systems: dict[str, dict], fuse_with_bm25: str | None = None):
             fused = fuse([runs["BM25"], runs[fuse_with_bm25]], norm=None, method="rrf")
             fused.name = fused_name(fuse_with_bm25)
             runs[fused.name] = fused
+        if runs_dir is not None:
+            save_runs(Path(runs_dir) / name, test.qrels, runs)
         report = compare(test.qrels, runs, metrics=METRICS)
         results[name] = {"scores": {run: dict(v) for run, v in report.results.items()},
                          "p_values": p_values(report),

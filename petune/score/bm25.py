@@ -24,7 +24,7 @@ import numpy as np
 
 from ..cache import Cache, collection_fingerprint, fingerprint, texts_fingerprint
 from ..data.stream import RowIds, collection_size, column_rows, text_batches
-from .retrieval import ranx_run
+from .runs import ranx_run
 
 INDEX_META = "petune_bm25.json"
 #: words of several languages a stemmer is tried on for the cache key: two stemmers that stem them

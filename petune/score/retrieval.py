@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from .runs import _id_width, _ranx_build, load_qrels, load_run, make_qrels, make_run, ranx_run  # noqa: F401
 
 from .significance import fisher_randomization_test
 
@@ -168,62 +171,6 @@ class DenseIndex:
         return self
 
 
-def _id_width(docs: list[list[str]]) -> int:
-    """numpy string width for the document ids: the longest, rounded up to a power of two ≥ 16.
-
-    ranx builds each run from a ``<U{longest id}`` array, and numba compiles ranx's kernels again
-    for every new width (about 6 s per width and kernel in each process, until numba's on-disk
-    cache holds it). Rounding the width keeps that to a few compiles per installation
-    (scripts/compile_ranx.py makes them at setup); the ids themselves do not change."""
-    longest = max((len(i) for ids in docs for i in ids), default=1)
-    return max(16, 1 << (longest - 1).bit_length())
-
-
-def _ranx_build(cls, table_attr: str, data: dict, name: str | None, dtype):
-    """``ranx.Run`` / ``ranx.Qrels`` from ``{query_id: {doc_id: value}}`` (str ids), as their
-    constructor builds it — through ranx's own ``create_and_sort`` — with :func:`_id_width`'s width."""
-    from numba.typed import List as TypedList
-    from ranx.data_structures.common import create_and_sort
-
-    built = cls(name=name)
-    if not data:
-        return built
-    docs = [list(d) for d in data.values()]
-    width = _id_width(docs)
-    table = create_and_sort(TypedList(list(data)),
-                            TypedList([np.array(ids, dtype=f"<U{width}") for ids in docs]),
-                            TypedList([np.array(list(d.values()), dtype=dtype) for d in data.values()]))
-    setattr(built, table_attr, table)  # where ranx's own constructor keeps it: Run.run, Qrels.qrels
-    built.sorted = True
-    return built
-
-
-def ranx_run(run: dict, name: str | None = None):
-    """``{query_id: {doc_id: score}}`` (str ids, float scores) → ``ranx.Run``, equal to
-    ``ranx.Run(run, name=name)`` but compiled once per id-width class instead of once per id
-    length (see :func:`_id_width`). Every run petune makes is built here."""
-    from ranx import Run
-
-    return _ranx_build(Run, "run", run, name, float)
-
-
-def make_qrels(qrels: dict):
-    """``{query_id: {doc_id: relevance}}`` → ``ranx.Qrels`` (relevance: positive int)."""
-    from ranx import Qrels
-
-    if not qrels:
-        raise ValueError("qrels is empty")
-    clean = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in qrels.items()}
-    if not any(r > 0 for docs in clean.values() for r in docs.values()):
-        raise ValueError("qrels has no positive relevance judgement")
-    return _ranx_build(Qrels, "qrels", clean, None, int)
-
-
-def make_run(run: dict, name: str | None = None):
-    """``{query_id: {doc_id: score}}`` → ``ranx.Run``."""
-    return ranx_run({str(q): {str(d): float(s) for d, s in docs.items()} for q, docs in run.items()}, name=name)
-
-
 def _as_qrels(qrels):
     from ranx import Qrels
 
@@ -289,7 +236,10 @@ def compare(qrels, runs, metrics=DEFAULT_METRICS, max_p: float = 0.01, stat_test
     ``"tukey"`` are ranx's own.
 
     Args:
-        runs: ``{name: ranx.Run}`` or a list of named runs.
+        qrels: ``{query: {doc: relevance}}``, a ``ranx.Qrels``, or a qrels file's path.
+        runs: ``{name: ranx.Run}`` or a list of named runs; a run may be a run file's path
+            (:func:`petune.score.runs.load_run`: TREC or ranx JSON, e.g. another seed's, another
+            recipe's, another tool's), named by the dict key or else by its tag.
         max_p: significance threshold.
 
     Returns:
@@ -303,11 +253,13 @@ def compare(qrels, runs, metrics=DEFAULT_METRICS, max_p: float = 0.01, stat_test
     from ranx import evaluate as ranx_evaluate
     from ranx.data_structures import FrozensetDict, Report
 
-    qrels = _as_qrels(qrels)
+    qrels = load_qrels(qrels) if isinstance(qrels, (str, os.PathLike)) else _as_qrels(qrels)
     if isinstance(runs, dict):
+        runs = {name: load_run(run, name) if isinstance(run, (str, os.PathLike)) else run for name, run in runs.items()}
         for name, run in runs.items():
             run.name = name
         runs = list(runs.values())
+    runs = [load_run(run) if isinstance(run, (str, os.PathLike)) else run for run in runs]
     if len(runs) < 2:
         raise ValueError("compare needs at least two runs")
     names = [run.name for run in runs]

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..atomic import commit_file, remove_stale_temps, temp_path
 from ..cache import fingerprint
-from .retrieval import DenseIndex, _check_ids, _clamp_k, _metric, check_embeddings, ranx_run
+from .retrieval import DenseIndex, _check_ids, _clamp_k, _metric, check_embeddings
+from .runs import ranx_run
 
 log = logging.getLogger(__name__)
 
