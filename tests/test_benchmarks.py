@@ -28,6 +28,7 @@ def test_benchmark_quick_writes_tables_and_plots(tmp_path):
     assert "| LoRA r=8 |" in (tmp_path / "out" / "RESULTS.md").read_text()
 
 
+@pytest.mark.slow  # a timing harness (16 s); the code it times is tested in test_train / test_embed
 def test_overhead_quick(tmp_path):
     out = tmp_path / "overhead.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--quick", "--methods", "lora",
@@ -41,6 +42,7 @@ def test_overhead_quick(tmp_path):
         assert r["verdict"] in ("met", "not met", "undecided")
 
 
+@pytest.mark.slow  # a timing harness (16 s); routing itself is tested in test_routing.py
 def test_routing_quick(tmp_path):
     """benchmarks/routing.py --quick: routing and export ratios for every method (embeddings are
     checked equal inside the script before any timing)."""
