@@ -73,30 +73,29 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(tmp)
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Write a file through ``write(binary file object)`` into a temp file beside ``path``, flush
-    it to disk, then rename it into place: ``path`` is always the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_MARK, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        commit_file(Path(tmp), path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def temp_path(path: str | os.PathLike) -> Path:
-    """A fresh temp file name beside ``path`` (for writers that need a path, not a file object,
-    such as ``numpy.lib.format.open_memmap``); hand it to :func:`commit_file` when written."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temp file name beside ``path`` for writers that need a path, not a file object
+    (``numpy.lib.format.open_memmap``, ``faiss.write_index``, ranx's ``save``); on success it is
+    flushed to disk and renamed to ``path`` (:func:`commit_file`), on error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_MARK, dir=path.parent)
     os.close(fd)
-    return Path(tmp)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        commit_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write a file through ``write(binary file object)`` into a temp file beside ``path``, flush
+    it to disk, then rename it into place: ``path`` is always the old file or the whole new one."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
 
 
 def commit_file(tmp: Path, path: Path) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write, commit_file, remove_stale_temps, temp_path
+from .atomic import atomic_path, atomic_write, remove_stale_temps
 from .cache import texts_fingerprint
 from .data.stream import RowIds, collection_size, id_hash, text_batches
 
@@ -234,8 +234,7 @@ def _write_ids(path: Path, count: int) -> None:
     width, rows = 1, 0
     for meta in metas():
         width, rows = max(width, *(len(i.encode()) for i in meta["ids"])), rows + meta["rows"]
-    tmp = temp_path(path / IDS)
-    try:
+    with atomic_path(path / IDS) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=f"S{width}", shape=(rows,))
         row = 0
         for meta in metas():
@@ -243,9 +242,6 @@ def _write_ids(path: Path, count: int) -> None:
             row += len(meta["ids"])
         out.flush()
         del out
-        commit_file(tmp, path / IDS)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _duplicate_rows(hashes) -> tuple[int, int] | None:

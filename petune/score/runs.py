@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import commit_file, temp_path
+from ..atomic import atomic_path
 
 #: what a recipe names the folder of its runs, beside report.json
 RUNS_DIR = "runs"
@@ -89,20 +89,15 @@ def _kind(path: Path) -> str:
     return "json" if path.suffix == ".json" else "trec"
 
 
-def save_run(run, path: str | os.PathLike) -> Path:
+def save_run(run, path: str | os.PathLike, name: str | None = None) -> Path:
     """Write a ``ranx.Run`` (or ``{query: {doc: score}}``) as a TREC run file (``.json``: ranx's
-    JSON), its name as the tag with spaces made ``_``; atomically. Returns the path."""
-    from ranx import Run
-
+    JSON), its ``name`` (default: the run's) as the tag with spaces made ``_``; atomically.
+    Returns the path."""
     path = Path(path)
-    run = run if isinstance(run, Run) else ranx_run(run)
-    out = ranx_run(run.to_dict(), name=_tag(run.name))
-    tmp = temp_path(path)
-    try:
+    data = run.to_dict() if hasattr(run, "to_dict") else run
+    out = ranx_run(data, name=_tag(name or getattr(run, "name", None)))
+    with atomic_path(path) as tmp:
         out.save(str(tmp), kind=_kind(path))
-        commit_file(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -120,8 +115,8 @@ def load_run(path: str | os.PathLike, name: str | None = None):
     if not path.is_file():
         raise FileNotFoundError(f"no run file at {path}")
     try:
-        loaded = Run.from_file(str(path), kind="json" if path.suffix == ".json" else None
-                               if path.suffix in (".gz", ".lz4") else "trec")
+        kind = {".json": "json", ".gz": None, ".lz4": None}.get(path.suffix, "trec")  # None: ranx infers
+        loaded = Run.from_file(str(path), kind=kind)
     except ValueError as e:
         raise ValueError(f"{path} is not a TREC run file (query Q0 doc rank score tag per line): {e}") from None
     return ranx_run(loaded.to_dict(), name=name or loaded.name or path.stem)
@@ -134,12 +129,8 @@ def save_qrels(qrels, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     qrels = qrels if isinstance(qrels, Qrels) else make_qrels(qrels)
-    tmp = temp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         qrels.save(str(tmp), kind=_kind(path))
-        commit_file(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -164,6 +155,5 @@ def save_runs(folder: str | os.PathLike, qrels, runs: dict) -> dict[str, Path]:
     folder = Path(folder)
     written = {"qrels": save_qrels(qrels, folder / "qrels.trec")}
     for name, run in runs.items():
-        run = ranx_run(run.to_dict() if hasattr(run, "to_dict") else run, name=name)
-        written[name] = save_run(run, folder / f"{re.sub(r'[^A-Za-z0-9._+-]+', '_', name).strip('_')}.trec")
+        written[name] = save_run(run, folder / f"{re.sub(r'[^A-Za-z0-9._+-]+', '_', name).strip('_')}.trec", name)
     return written

@@ -15,7 +15,7 @@ import logging
 
 import numpy as np
 
-from ..atomic import commit_file, remove_stale_temps, temp_path
+from ..atomic import atomic_path, remove_stale_temps
 from ..cache import fingerprint
 from .retrieval import DenseIndex, _check_ids, _clamp_k, _metric, check_embeddings
 from .runs import ranx_run
@@ -196,12 +196,8 @@ def build_index(store, factory: str = "Flat", metric: str = "ip", train_size: in
             index.add(block)
         if where is not None:
             remove_stale_temps(where.parent)  # a killed write's leftovers (one process builds indexes)
-            tmp = temp_path(where)
-            try:
+            with atomic_path(where) as tmp:
                 faiss.write_index(index, str(tmp))
-                commit_file(tmp, where)
-            finally:
-                tmp.unlink(missing_ok=True)
     if search_params:
         try:
             faiss.ParameterSpace().set_index_parameters(index, search_params)
