@@ -11,6 +11,7 @@ rebuilds the part from its options.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -83,9 +84,16 @@ class Part(nn.ModuleDict):
             raise ValueError(f"this model has one {self.label} per task; name one of {list(self)}")
         return task
 
-    def tokens(self, key: str, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embeds [batch, tokens, d_model], mask [batch, tokens])`` of the batch's ``inputs``."""
+    def tokens(self, key: str, inputs, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeds [batch, tokens, d_model], mask [batch, tokens])`` of the batch's ``inputs``
+        (``model``: the Hugging Face model underneath, for a part that reads its weights)."""
         raise NotImplementedError
+
+    def encoder_context(self, model: nn.Module, text_lengths: torch.Tensor):
+        """A context manager active while the encoder reads this part's tokens (default: none).
+        ``text_lengths [batch]``: how many leading positions of each row are its prompt and text;
+        the part's tokens follow them (VL-T5's mode gives positions to those only)."""
+        return contextlib.nullcontext()
 
     def after_pooling(self, key: str, pooled: torch.Tensor) -> torch.Tensor:
         """The pooled embedding ``[batch, d]`` as this part leaves it (default: unchanged; a

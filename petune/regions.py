@@ -93,8 +93,9 @@ def image_batch(images, device=None) -> dict[str, torch.Tensor]:
 
     Returns:
         ``{"features": [batch, R, feat_dim] float32, "boxes": [batch, R, 4], "mask": [batch, R]
-        long, "order": [batch, R] long}``, ``R`` the most regions of any example (at least 1;
-        examples without an image have an all-zero mask row).
+        long, "order": [batch, R] long, "region": [batch, R] long}``, ``R`` the most regions of
+        any example (at least 1; examples without an image have an all-zero mask row); ``order``
+        is each token's image within its example, ``region`` its index within that image.
 
     Raises:
         ValueError: features of different sizes in one batch, or a bad shape.
@@ -109,14 +110,16 @@ def image_batch(images, device=None) -> dict[str, torch.Tensor]:
     boxes = np.zeros((len(rows), width, 4), dtype=np.float32)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     order = np.zeros((len(rows), width), dtype=np.int64)
+    region = np.zeros((len(rows), width), dtype=np.int64)
     for i, per in enumerate(rows):
         at = 0
         for k, (f, b) in enumerate(per):
             feats[i, at:at + len(f)], boxes[i, at:at + len(f)] = f, b
             mask[i, at:at + len(f)], order[i, at:at + len(f)] = 1, k
+            region[i, at:at + len(f)] = np.arange(len(f))
             at += len(f)
     out = {"features": torch.from_numpy(feats), "boxes": torch.from_numpy(boxes), "mask": torch.from_numpy(mask),
-           "order": torch.from_numpy(order)}
+           "order": torch.from_numpy(order), "region": torch.from_numpy(region)}
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 

@@ -163,8 +163,14 @@ class TunedModel(nn.Module):
                 ids, mask, output_hidden_states=output_hidden_states, images=imgs), input_ids, attention_mask, images)
         if task is not None:
             self.use_task(task)
-        extra = None if images is None else self.part_tokens("images", images)
-        return self.method.encoder_output(self.model, input_ids, attention_mask, output_hidden_states, extra=extra)
+        if images is None:
+            return self.method.encoder_output(self.model, input_ids, attention_mask, output_hidden_states)
+        part = self.part_for("images")
+        extra = part.tokens(part.key(self.active_task), images, self.base_model)
+        text_lengths = attention_mask.sum(1) + self.method.prefix_length()  # the part's tokens follow these
+        with part.encoder_context(self.base_model, text_lengths):
+            return self.method.encoder_output(self.model, input_ids, attention_mask, output_hidden_states,
+                                              extra=extra)
 
     def after_pooling(self, pooled: torch.Tensor) -> torch.Tensor:
         """``pooled [batch, d]`` through each part's :meth:`~petune.parts.Part.after_pooling`
@@ -185,12 +191,6 @@ class TunedModel(nn.Module):
         raise ValueError(f"{input_key} need a part that reads them (for images: a visual embedding, "
                          "petune.vision.add_visual(tuned, ...)); this model has "
                          f"{[p.label for p in self.extra_parts.values()] or 'none'}")
-
-    def part_tokens(self, input_key: str, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """The active task's tokens of ``inputs`` from the part reading ``input_key``:
-        ``([batch, tokens, d_model], [batch, tokens])``."""
-        part = self.part_for(input_key)
-        return part.tokens(part.key(self.active_task), inputs)
 
     @property
     def base_model(self) -> nn.Module:

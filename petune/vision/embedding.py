@@ -78,13 +78,29 @@ class VisualPart(Part):
     label = VISUAL_PART
     input_key = "images"
 
-    def tokens(self, key, images):
-        """``images`` → ``([batch, regions, d_model], [batch, regions])`` through module ``key``."""
+    def tokens(self, key, images, model):
+        """``images`` → ``([batch, regions, d_model], [batch, regions])`` through module ``key``
+        (in the ``"vl-t5"`` mode the object-order embedding reads ``model``'s word embeddings)."""
         embedding = self[key]
         features, mask = images["features"], images["mask"]
         if not mask.any():  # a batch without any image: its placeholder features have no size to check
             features = features.new_zeros(*features.shape[:2], embedding.feat_dim)
+        if self.mode == "vl-t5":
+            return embedding(features, images["boxes"], images.get("order"), images.get("region"),
+                             model.get_input_embeddings().weight), mask
         return embedding(features, images["boxes"], images.get("order")), mask
+
+    @property
+    def mode(self) -> str:
+        return self.options.get("mode", "petune")
+
+    def encoder_context(self, model, text_lengths):
+        """In the ``"vl-t5"`` mode: positions for the prompt and text only (:func:`.vl.text_only_positions`)."""
+        if self.mode != "vl-t5":
+            return super().encoder_context(model, text_lengths)
+        from .vl import text_only_positions, vl_family
+
+        return text_only_positions(model.get_encoder(), vl_family(model_type(model)), text_lengths)
 
     def prepare(self, tuned, texts, values, cache_dir=None):
         """Images given as files or PIL images become features from the recorded backbone."""
@@ -93,22 +109,29 @@ class VisualPart(Part):
         return resolve_images(self, texts, values, cache_dir)
 
     @classmethod
-    def from_options(cls, tuned, feat_dim, backbone=None, grid=False, per_task=False, n_images=1) -> "VisualPart":
-        part = _visual_part(tuned, feat_dim, per_task, n_images, {"feat_dim": feat_dim, "backbone": backbone,
-                                                                 "grid": grid, "per_task": per_task,
-                                                                 "n_images": n_images})
+    def from_options(cls, tuned, feat_dim, backbone=None, grid=False, per_task=False, n_images=1,
+                     mode="petune", vl=None) -> "VisualPart":
+        options = {"feat_dim": feat_dim, "backbone": backbone, "grid": grid, "per_task": per_task,
+                   "n_images": n_images}
+        if mode == "vl-t5":  # older saves have no mode: petune's
+            options.update(mode=mode, vl=vl)
+
+        def embedding():
+            if mode != "vl-t5":
+                return VisualEmbedding(feat_dim, d_model(tuned.base_model), n_images)
+            from .vl import VLVisualEmbedding
+
+            return VLVisualEmbedding(feat_dim, d_model(tuned.base_model), **vl)
+
+        modules = list(tuned.tasks) if per_task else [SHARED]
+        part = VisualPart({m: embedding() for m in modules}, per_task, options)
         tuned.add_part(part)
         return part
 
 
-def _visual_part(tuned, feat_dim, per_task, n_images, options) -> VisualPart:
-    modules = list(tuned.tasks) if per_task else [SHARED]
-    return VisualPart({m: VisualEmbedding(feat_dim, d_model(tuned.base_model), n_images) for m in modules},
-                      per_task, options)
-
-
 def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None, grid: bool | int = False,
-               per_task: bool = False, n_images: int = 1) -> TunedModel:
+               per_task: bool = False, n_images: int | None = None, mode: str | None = None,
+               pretrained=None) -> TunedModel:
     """Give a tuned model a trainable visual embedding, so that it reads images beside text.
 
     Each example's visual tokens follow its text tokens in the encoder input (VL-T5's order; after
@@ -125,7 +148,14 @@ def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None,
             :func:`petune.vision.extract_features`'s ``grid`` (``False``: pooled, ``True``: the full
             grid, ``k``: ``k × k`` cells); train on the same.
         per_task: one visual embedding per task (default: one shared by all tasks, as VL-Adapter).
-        n_images: images per example at most.
+        n_images: images per example at most (default 1; 2 in the ``"vl-t5"`` mode, as VL-T5).
+        mode: ``"petune"`` (the default: :class:`VisualEmbedding`, positions over the whole input)
+            or ``"vl-t5"``: VL-T5 / VL-BART's own visual embedding and joint encoder
+            (:mod:`petune.vision.vl`: object order from the word embeddings, positions for text
+            only), for T5 and BART models — a fresh one, as VL-T5 starts from a text-only T5.
+        pretrained: a loaded :class:`~petune.vision.vl.VLVisualEmbedding` (from
+            :func:`petune.vision.from_vl_t5` / :func:`~petune.vision.from_vl_bart`): the
+            ``"vl-t5"`` mode starting from its weights and options (each per-task copy too).
 
     Returns:
         ``tuned``, changed in place: ``trainable_report()`` gets a "visual embedding" row,
@@ -134,7 +164,8 @@ def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None,
     Raises:
         TypeError: ``tuned`` is not a :class:`petune.TunedModel`.
         ValueError: no ``feat_dim``; one already added; ``per_task`` on a model without tasks; an
-            architecture whose encoder cannot take input embeddings (FSMT).
+            architecture whose encoder cannot take input embeddings (FSMT); the ``"vl-t5"`` mode on
+            an architecture other than T5 / BART, or ``pretrained`` whose size differs from the model.
     """
     from .features import feature_extractor
 
@@ -155,11 +186,48 @@ def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None,
             feat_dim = extractor.feat_dim
         elif feat_dim != extractor.feat_dim:
             raise ValueError(f"feat_dim={feat_dim}, but backbone {name!r} gives {extractor.feat_dim}")
+    mode = mode or ("vl-t5" if pretrained is not None else "petune")
+    if mode not in ("petune", "vl-t5"):
+        raise ValueError(f"mode must be 'petune' or 'vl-t5', got {mode!r}")
+    vl = None
+    if mode == "vl-t5":
+        feat_dim, n_images, vl = _vl_options(tuned, feat_dim, n_images, pretrained)
+    n_images = 1 if n_images is None else n_images
     if not isinstance(feat_dim, int) or feat_dim < 1:
         raise ValueError(f"feat_dim must be a positive integer (the image features' size), got {feat_dim!r}")
     if not isinstance(n_images, int) or n_images < 1:
         raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
     if per_task and tuned.tasks is None:
         raise ValueError("per_task=True needs a model attached with tasks=[...]")
-    VisualPart.from_options(tuned, feat_dim, backbone=name, grid=grid, per_task=per_task, n_images=n_images)
+    part = VisualPart.from_options(tuned, feat_dim, backbone=name, grid=grid, per_task=per_task, n_images=n_images,
+                                   mode=mode, vl=vl)
+    if pretrained is not None:
+        for module in part.values():
+            module.load_state_dict(pretrained.state_dict())
     return tuned
+
+
+def _vl_options(tuned, feat_dim, n_images, pretrained):
+    """``(feat_dim, n_images, VLVisualEmbedding options)`` of the "vl-t5" mode: the pretrained
+    embedding's, or VL-T5's defaults with the model's norm."""
+    from .vl import VLVisualEmbedding, vl_family
+
+    base = tuned.base_model
+    family = vl_family(model_type(base))
+    if pretrained is None:
+        config = base.config
+        vl = {"n_images": n_images or 2, "use_vis_order_embedding": True, "individual_vis_layer_norm": True,
+              "use_vis_layer_norm": True, "additional_layers": 0, "norm": "rms" if family == "t5" else "layer",
+              "eps": config.layer_norm_epsilon if family == "t5" else 1e-5}
+        return feat_dim, vl["n_images"], vl
+    if not isinstance(pretrained, VLVisualEmbedding):
+        raise TypeError("pretrained must be the visual embedding petune.vision.from_vl_t5 / from_vl_bart loaded")
+    width = pretrained.absolute_vis_pos_embedding[0].out_features
+    if width != d_model(base):
+        raise ValueError(f"the pretrained visual embedding gives {width}-d tokens, the model's d_model is "
+                         f"{d_model(base)}: attach to the model loaded with it")
+    for name, value in (("feat_dim", feat_dim), ("n_images", n_images)):
+        own = getattr(pretrained, name)
+        if value is not None and value != own:
+            raise ValueError(f"{name}={value}, but the pretrained visual embedding has {own}")
+    return pretrained.feat_dim, pretrained.n_images, dict(pretrained.options)
