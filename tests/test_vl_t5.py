@@ -291,3 +291,56 @@ def test_generate_with_vqa_prefix_and_fresh_vl_mode():
         add_visual(petune.attach(pegasus, "none"), FEAT, mode="vl-t5")
     with pytest.raises(ValueError, match="feat_dim=7, but the pretrained visual embedding has 12"):
         add_visual(petune.attach(load("t5")[0], "none"), 7, pretrained=visual)
+
+
+def write_boxes36(path, ids, seed=0, regions=REGIONS, feat_dim=FEAT):
+    """A region file in VL-T5's ``*_boxes36.h5`` layout: pixels, with each image's size."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        for image_id in ids:
+            w, h = rng.integers(200, 640, 2)
+            xy = rng.uniform(0, 0.5, (regions, 2)) * [w, h]
+            wh = rng.uniform(0.1, 0.5, (regions, 2)) * [w, h]
+            f[f"{image_id}/features"] = rng.standard_normal((regions, feat_dim)).astype(np.float32)
+            f[f"{image_id}/boxes"] = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+            f[f"{image_id}/img_w"], f[f"{image_id}/img_h"] = w, h
+    return path
+
+
+def test_region_files_h5_npz_and_clip_grids(tmp_path):
+    import h5py
+
+    from petune.vision import RegionFeatures
+
+    regions = RegionFeatures(write_boxes36(tmp_path / "train_boxes36.h5", ["17", "42"]), feat_dim=FEAT)
+    with h5py.File(tmp_path / "train_boxes36.h5") as f:
+        pixels, w, h = f["42/boxes"][()], f["42/img_w"][()], f["42/img_h"][()]
+    entry = regions["42"]
+    assert entry["features"].shape == (REGIONS, FEAT) and "17" in regions and "99" not in regions
+    np.testing.assert_allclose(entry["boxes"], pixels / [w, h, w, h], rtol=1e-6)
+    assert RegionFeatures(tmp_path / "train_boxes36.h5", max_regions=2)["17"]["features"].shape == (2, FEAT)
+    with pytest.raises(KeyError, match="'99'"):
+        regions["99"]
+    with pytest.raises(ValueError, match=r"expected \[regions, 7\]"):
+        RegionFeatures(tmp_path / "train_boxes36.h5", feat_dim=7)["17"]
+    # a folder of per-image files: VL-Adapter's CLIP grids (no boxes: zeros, as it feeds them), and .npz
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    with h5py.File(folder / "5.h5", "w") as f:
+        f["5/features"] = np.ones((4, FEAT), dtype=np.float32)
+    np.savez(folder / "6.npz", features=np.ones((3, FEAT), np.float32),
+             boxes=np.array([[0, 0, 10, 20]] * 3, np.float32), img_w=10, img_h=40)
+    clip = RegionFeatures(folder)
+    assert clip["5"]["boxes"].tolist() == [[0.0] * 4] * 4
+    assert clip["6"]["boxes"].tolist() == [[0.0, 0.0, 1.0, 0.5]] * 3
+    np.savez(folder / "7.npz", features=np.ones((2, FEAT), np.float32),
+             boxes=np.array([[0, 0, 10, 20], [5, 30, 2, 40]], np.float32), img_w=10, img_h=40)
+    with pytest.raises(ValueError, match=r"box 1 has x2 < x1.*\(x1, y1, x2, y2\)"):
+        clip["7"]
+    np.savez(folder / "8.npz", features=np.ones((1, FEAT), np.float32), boxes=np.array([[0, 0, 10, 20]], np.float32))
+    with pytest.raises(ValueError, match="outside the image; give them in pixels with img_w"):
+        clip["8"]
+    with pytest.raises(FileNotFoundError):
+        RegionFeatures(tmp_path / "nowhere.h5")

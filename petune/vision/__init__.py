@@ -16,9 +16,10 @@ from .embedding import VisualEmbedding, add_visual
 from .features import (DEFAULT_BACKBONE, EfficientNetLite0, FeatureExtractor, HFVisionBackbone, extract_features,
                        feature_extractor, load_image)
 from .inputs import grid_boxes, image_batch, num_regions, pool_grid, regions
+from .region_files import RegionFeatures
 from .vl import VLCheckpoint, VLVisualEmbedding, from_vl_bart, from_vl_t5
 
 __all__ = ["add_visual", "VisualEmbedding", "extract_features", "feature_extractor", "FeatureExtractor",
            "EfficientNetLite0", "HFVisionBackbone", "load_image", "DEFAULT_BACKBONE", "image_batch", "regions",
            "grid_boxes", "pool_grid", "num_regions", "twemoji", "tuxpaint", "from_vl_t5", "from_vl_bart",
-           "VLVisualEmbedding", "VLCheckpoint"]
+           "VLVisualEmbedding", "VLCheckpoint", "RegionFeatures"]
