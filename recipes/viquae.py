@@ -31,7 +31,10 @@ With --images-dir DIR the questions are multimodal (question + image → passage
 means them): each question's image (the dataset's ``image`` column, files in DIR) goes through
 EfficientNet-Lite0 (features cached in --cache-dir), and a visual embedding
 (petune.vision.add_visual) trained with the method puts it beside the question's tokens.
-Passages stay text. Without it the recipe is text-only.
+Passages stay text. Without it the recipe is text-only. With --region-features FILE the images'
+features come from a region file instead (VL-T5's boxes36 HDF5 layout, keyed by the ``image``
+column's file name, with or without its extension), and --vl-t5 / --vl-bart CHECKPOINT start from
+a published VL-T5 / VL-BART checkpoint with VL-T5's forward (docs/vision.md).
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ import torch  # noqa: E402
 
 import petune  # noqa: E402
 from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_mini_batch_arg,  # noqa: E402
-                                add_run_args, cache_dir, dense_run, job_main, load_model, method_options, start_run,
+                                add_run_args, cache_dir, dense_run, job_main, method_options, start_run,
                                 write_report)
+from petune.jobs.vl import add_visual_from_args, add_vl_args, check_vl_args, load_base, region_features  # noqa
 from petune.data import viquae  # noqa: E402
 from petune.dist import main_process_first  # noqa: E402
 from petune.score import BM25, compare, p_values, report_markdown, save_runs  # noqa: E402
@@ -87,6 +91,7 @@ def parse_args(argv=None):
     parser.add_argument("--images-dir", help="folder of ViQuAE's question images: multimodal queries "
                         "(question + image); without it, text only")
     parser.add_argument("--output-dir", default="runs/viquae")
+    add_vl_args(parser)
     add_run_args(parser, checkpoint_every=200)
     args = parser.parse_args(argv)
     args.lr = args.lr or DEFAULT_LR[args.method]
@@ -123,8 +128,15 @@ def main(job):
     missing = [s for s in ("train", "test") if s not in dataset]
     if missing:
         raise JobError(f"the ViQuAE dataset has no {missing} split(s); it has {list(dataset)}")
+    check_vl_args(args)
     images = None
-    if args.images_dir:
+    if args.region_features:  # {question id: {"features": [regions, feat_dim], "boxes": [regions, 4]}}
+        images = {}
+        for s in ("train", "test"):
+            names = dict(zip(viquae.question_ids(dataset[s]), viquae.image_names(dataset[s])))
+            found = region_features(args, names.values())
+            images.update({q: found[name] for q, name in names.items()})
+    elif args.images_dir:
         paths = {s: viquae.image_paths(dataset[s], args.images_dir) for s in ("train", "test")}
         images = {}
         with main_process_first():  # extracted and cached once, read by the other processes
@@ -152,7 +164,7 @@ def main(job):
             return bm25.hard_negatives(questions, split_qrels, k=k)
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer, pretrained = load_base(args)
     test_ids = list(qrels["test"])
     test_questions = {q: t for q, t in zip(viquae.question_ids(dataset["test"]), dataset["test"]["input"])
                       if q in qrels["test"]}
@@ -162,7 +174,9 @@ def main(job):
                                query_length=args.question_length)
 
     tuned = petune.attach(model, args.method, **method_options(args))
-    if images is not None:
+    if args.region_features:
+        add_visual_from_args(tuned, args, pretrained, next(iter(images.values()))["features"].shape[-1])
+    elif images is not None:
         petune.vision.add_visual(tuned, backbone=petune.vision.DEFAULT_BACKBONE)
     if state.is_main_process:
         print(tuned.trainable_report())
@@ -202,7 +216,9 @@ def main(job):
         summary = {
             "command": job.command,
             "method": args.method, "options": method_options(args), "lr": args.lr, "epochs": args.epochs,
-            "images": args.images_dir is not None,
+            "images": images is not None, "region_features": args.region_features,
+            "vl_checkpoint": args.vl_t5 or args.vl_bart,
+            "visual_mode": tuned.petune_visual.mode if images is not None else None,
             "trainable": tuned.trainable_report().as_dict(), "index_factory": args.index_factory,
             "passage_store": len(passages) >= args.store_from,
             "questions": {s: {"with_relevant": len(qrels[s]), "dropped_no_relevant": len(dropped[s])}

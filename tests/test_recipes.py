@@ -154,6 +154,30 @@ def test_viquae_recipe_with_images_on_fixture(tmp_path):
     assert rc == 2 and not (tmp_path / "run2" / "tuned").exists()
 
 
+def test_viquae_recipe_on_a_vl_bart_checkpoint_with_region_features(tmp_path):
+    """--vl-bart with a region file keyed by the image column's names (without extension here)."""
+    from test_vl_t5 import write_boxes36, write_vl_fixture
+
+    recipe = script("recipes/viquae.py")
+    paths = build_fixture(tmp_path / "data", images=True)
+    checkpoint, base = write_vl_fixture(tmp_path / "vlbart", "bart")
+    names = [f"512px-entity_{i}" for i in range(len(ENTITIES))]
+    regions = write_boxes36(tmp_path / "viquae_boxes36.h5", names[:-1])
+    out = tmp_path / "run"
+    args = ["--dataset-path", str(paths["dataset"]), "--kb-path", str(paths["kb"]), "--passages-path",
+            str(paths["passages"]), "--method", "ia3", "--epochs", "1", "--batch-size", "4", "--passage-length", "32",
+            "--vl-bart", str(checkpoint), "--vl-base", str(base), "--region-features", str(regions),
+            "--output-dir", str(out)]
+    assert recipe.main(args) == 2 and not out.exists()  # an image without features: refused before any write
+    write_boxes36(regions, names)
+    assert recipe.main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["scores"]) == {"BM25", "ia3 + images"} and report["visual_mode"] == "vl-t5"
+    assert report["trainable"]["parts"]["visual embedding"] > 0
+    options = petune_config(out / "tuned")["parts"]["visual"]["options"]
+    assert options["mode"] == "vl-t5" and options["vl"]["norm"] == "layer"
+
+
 def petune_config(path):
     import petune
 
@@ -431,15 +455,22 @@ def test_offline_recipe_two_processes(quick_run, tmp_path):
 
 @pytest.mark.multiproc
 def test_viquae_recipe_two_processes(tmp_path):
-    paths = build_fixture(tmp_path / "data")
+    """On the store path, multimodal, from a VL-T5 checkpoint with region features."""
+    from test_vl_t5 import write_boxes36, write_vl_fixture
+
+    paths = build_fixture(tmp_path / "data", images=True)
+    checkpoint, base = write_vl_fixture(tmp_path / "vlt5")
+    regions = write_boxes36(tmp_path / "viquae_boxes36.h5", [f"512px-entity_{i}.png" for i in range(len(ENTITIES))])
     out = tmp_path / "run"
     done = torchrun("viquae.py", "--dataset-path", str(paths["dataset"]), "--kb-path", str(paths["kb"]),
                     "--passages-path", str(paths["passages"]), "--method", "lora", "--epochs", "2",
                     "--batch-size", "2", "--passage-length", "48", "--compare-frozen", "--output-dir", str(out),
-                    "--store-from", "0", "--store-chunk-size", "5")
+                    "--store-from", "0", "--store-chunk-size", "5", "--vl-t5", str(checkpoint), "--vl-base",
+                    str(base), "--region-features", str(regions))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert set(report["scores"]) == {"BM25", "frozen", "lora"}
+    assert set(report["scores"]) == {"BM25", "frozen (text only)", "lora + images"}
+    assert report["visual_mode"] == "vl-t5"
     assert report["steps"]["viquae"] == 4  # 8 questions / (batch 2 x 2 processes) x 2 epochs
     # the store path: each process wrote its chunks (8 of 36 passages / 5), each searched its own
     assert report["passage_store"] is True

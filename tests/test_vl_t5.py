@@ -28,16 +28,17 @@ def _random(shape, g):
     return torch.randn(shape, generator=g) * 0.5
 
 
-def vl_checkpoint(family="t5", seed=0, additional_layers=0):
+def vl_checkpoint(family="t5", seed=0, additional_layers=0, vocab_size=VOCAB):
     """A state dict as VL-T5 / VL-BART save it (``model.state_dict()``): the language model's keys,
     ``encoder.visual_embedding.*`` with the object-order embedding as the shared word embeddings, and
     (T5) the 2021 decoder bias key transformers no longer has. Norm weights are random, not ones."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     if family == "t5":
-        model, root = T.T5ForConditionalGeneration(T.T5Config(**T5_CONFIG)), ""
+        model, root = T.T5ForConditionalGeneration(T.T5Config(**{**T5_CONFIG, "vocab_size": vocab_size})), ""
     else:
-        model, root = T.BartForConditionalGeneration(T.BartConfig(**BART_CONFIG)), "model."
+        model, root = T.BartForConditionalGeneration(T.BartConfig(**{**BART_CONFIG, "vocab_size": vocab_size})), \
+            "model."
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for k in state:
         if "layer_norm" in k or "layernorm" in k:  # random norms, so that a norm left out shows
@@ -59,6 +60,22 @@ def vl_checkpoint(family="t5", seed=0, additional_layers=0):
     if family == "t5":
         state["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = _random((8, 4), g)
     return state
+
+
+def write_vl_fixture(root, family="t5"):
+    """What a VL-T5 user brings, tiny: ``root/Epoch30.pth`` (a checkpoint whose vocabulary covers the
+    packaged MiniLM tokenizer) and ``root/base`` (its text model's configuration and that tokenizer,
+    standing in for t5-base / facebook/bart-base). Returns ``(checkpoint, base)``."""
+    from petune.data.packaged import minilm_path
+
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = T.AutoTokenizer.from_pretrained(minilm_path())
+    config = (T.T5Config(**{**T5_CONFIG, "vocab_size": len(tokenizer)}) if family == "t5" else
+              T.BartConfig(**{**BART_CONFIG, "vocab_size": len(tokenizer)}))
+    config.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    torch.save(vl_checkpoint(family, vocab_size=len(tokenizer)), root / "Epoch30.pth")
+    return root / "Epoch30.pth", root / "base"
 
 
 def load(family="t5", state=None, **options):

@@ -169,6 +169,18 @@ def relevant_passages(split, kb, passages, links=None) -> tuple[dict[str, dict[s
     return qrels, dropped
 
 
+def image_names(split) -> list[str]:
+    """The questions' ``image`` column: one image file name per question.
+
+    Raises:
+        MissingDataError: no ``image`` column.
+    """
+    if "image" not in split.column_names:
+        raise MissingDataError(f"the ViQuAE questions have no 'image' column (they have {split.column_names}); "
+                               "multimodal questions need the dataset's image file names")
+    return list(split["image"])
+
+
 def image_paths(split, images_dir) -> dict[str, str]:
     """``{question_id: image file path}`` from the questions' ``image`` column.
 
@@ -178,14 +190,12 @@ def image_paths(split, images_dir) -> dict[str, str]:
     """
     from pathlib import Path
 
-    if "image" not in split.column_names:
-        raise MissingDataError(f"the ViQuAE questions have no 'image' column (they have {split.column_names}); "
-                               "--images-dir needs the dataset's image file names")
+    names = image_names(split)
     root = Path(images_dir)
     if not root.is_dir():
         raise MissingDataError(f"--images-dir {root} is not a folder; download ViQuAE's images (the archive "
                                "beside PaulLerner/viquae_dataset on the Hub) and unpack it there")
-    paths = {q: str(root / name) for q, name in zip(question_ids(split), split["image"])}
+    paths = {q: str(root / name) for q, name in zip(question_ids(split), names)}
     missing = [p for p in paths.values() if not Path(p).is_file()]
     if missing:
         raise MissingDataError(f"{len(missing)} of {len(paths)} question images are not in {root} "
