@@ -205,6 +205,8 @@ def test_checkpoint_encoder_equals_the_published_forward(family):
         states, joined = tuned.encoder_states(ids, mask, images=image_batch(regions))
         reference = (vl_t5_encoder_reference if family == "t5" else vl_bart_encoder_reference)(state, ids, mask,
                                                                                                regions)
+    encoder = tuned.base_model.get_encoder()  # the encoder is itself again after the call
+    assert all("compute_bias" not in vars(m) and not m._forward_hooks for m in encoder.modules())
     length = ids.shape[1]
     for b, n in enumerate(mask.sum(1).tolist()):  # petune: [text, regions, padding]; VL-T5: [text, padding, regions]
         assert joined[b].tolist() == [1] * (n + REGIONS) + [0] * (joined.shape[1] - n - REGIONS)
@@ -241,6 +243,7 @@ def test_every_key_is_accounted_for():
         load("t5", T.T5ForConditionalGeneration(T.T5Config(**T5_CONFIG)).state_dict())
     with pytest.raises(ValueError, match="n_images=3 but its keys say 2"):
         load("t5", state, n_images=3)
+    assert load("t5", state, pos_dim=4, feat_dim=FEAT)[1].feat_dim == FEAT
     with pytest.raises(ValueError, match="needs a T5 base"):
         from_vl_t5(state, base=T.BartConfig(**BART_CONFIG))
     bart = load("bart", vl_checkpoint("bart", additional_layers=1))[1]  # VL-Adapter's extra visual layers
@@ -303,6 +306,11 @@ def test_generate_with_vqa_prefix_and_fresh_vl_mode():
                        mode="vl-t5")
     assert fresh.petune_visual.default.n_images == 2
     fresh.encoder_states(ids, mask, images=image_batch(regions))
+    mbart = T.MBartForConditionalGeneration(T.MBartConfig(**BART_CONFIG))  # BART's rule on mBART's encoder
+    fresh = add_visual(petune.attach(mbart, "none"), FEAT, mode="vl-t5").eval()
+    ids[ids == 0] = 1
+    states, _ = fresh.encoder_states(ids, mask, images=image_batch(regions))
+    assert fresh.petune_visual.default.layer_norm is None and torch.isfinite(states).all()
     pegasus = T.PegasusForConditionalGeneration(T.PegasusConfig(**{**BART_CONFIG, "scale_embedding": False}))
     with pytest.raises(ValueError, match="defined for t5, mt5, umt5, bart, mbart"):
         add_visual(petune.attach(pegasus, "none"), FEAT, mode="vl-t5")

@@ -148,8 +148,8 @@ def text_only_positions(encoder: nn.Module, family: str, text_lengths: torch.Ten
             layers = [m for m in encoder.modules()
                       if getattr(m, "has_relative_attention_bias", False) and hasattr(m, "compute_bias")]
             for attention in layers:
+                undo.append(_restorer(attention, "compute_bias"))
                 attention.compute_bias = _text_only_bias(attention.compute_bias, text_lengths)
-                undo.append(lambda a=attention: delattr(a, "compute_bias"))
         else:
             def is_text(length, device):
                 return torch.arange(length, device=device)[None, :] < text_lengths.to(device)[:, None]
@@ -166,6 +166,14 @@ def text_only_positions(encoder: nn.Module, family: str, text_lengths: torch.Ten
     finally:
         for step in reversed(undo):
             step()
+
+
+def _restorer(obj, name):
+    """A function that puts ``obj.name`` back as it is now (an instance attribute, or the class's)."""
+    if name in vars(obj):
+        old = vars(obj)[name]
+        return lambda: setattr(obj, name, old)
+    return lambda: delattr(obj, name)
 
 
 def _text_only_bias(compute_bias, text_lengths):
@@ -201,7 +209,7 @@ def from_vl_t5(checkpoint, base="t5-base", **options) -> VLCheckpoint:
             or a state dict. ``module.`` (DDP) and ``vis_encoder.`` prefixes are read as VL-T5 reads them.
         base: the T5 the checkpoint was trained from, for its configuration only (a hub name, a
             path, or a ``T5Config``); the vocabulary size is the checkpoint's (VL-T5: 32,200).
-        options: the checkpoint family's settings (``feat_dim``, ``n_images``,
+        options: the checkpoint family's settings (``feat_dim``, ``pos_dim`` (4), ``n_images``,
             ``use_vis_order_embedding``, ``individual_vis_layer_norm``, ``use_vis_layer_norm``,
             ``additional_layers``): read from the checkpoint's keys and shapes; given ones are checked.
 
@@ -300,8 +308,8 @@ def _load_into(module: nn.Module, state: dict, prefix: str, what: str, tied=None
 
 def _visual_options(visual: dict, given: dict, family: str, config) -> dict:
     """The visual embedding's options, read from the checkpoint's keys and shapes; given ones checked."""
-    known = {"feat_dim", "n_images", "use_vis_order_embedding", "individual_vis_layer_norm", "use_vis_layer_norm",
-             "additional_layers"}
+    known = {"feat_dim", "pos_dim", "n_images", "use_vis_order_embedding", "individual_vis_layer_norm",
+             "use_vis_layer_norm", "additional_layers"}
     unknown = set(given) - known
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}; the checkpoint family's options are {sorted(known)}")
@@ -314,7 +322,13 @@ def _visual_options(visual: dict, given: dict, family: str, config) -> dict:
     linears = sorted(int(k.split(".")[1]) for k in visual
                      if k.startswith("feat_embedding.") and k.endswith(".weight") and visual[k].ndim == 2)
     order = visual.get("img_order_embedding.weight")
-    read = {"feat_dim": first.shape[1], "individual_vis_layer_norm": individual, "use_vis_layer_norm": use_norm,
+    box = visual.get("absolute_vis_pos_embedding.0.weight")
+    if box is None or box.shape[1] != 5:
+        raise ValueError("the visual embedding's absolute_vis_pos_embedding.0.weight must map VL-T5's 4 box "
+                         f"coordinates and area (pos_dim 4, 5 inputs); it has shape "
+                         f"{None if box is None else tuple(box.shape)}")
+    read = {"feat_dim": first.shape[1], "pos_dim": 4, "individual_vis_layer_norm": individual,
+            "use_vis_layer_norm": use_norm,
             "use_vis_order_embedding": order is not None, "n_images": order.shape[0] if order is not None else 2,
             "additional_layers": len(linears) - 1}
     wrong = {k: (v, read[k]) for k, v in given.items() if v != read[k]}
@@ -322,4 +336,5 @@ def _visual_options(visual: dict, given: dict, family: str, config) -> dict:
         raise ValueError("options contradict the checkpoint: " + ", ".join(
             f"{k}={v!r} but its keys say {r!r}" for k, (v, r) in wrong.items()))
     eps = config.layer_norm_epsilon if family == "t5" else 1e-5
+    read.pop("pos_dim")
     return {**read, "norm": "rms" if family == "t5" else "layer", "eps": eps}
