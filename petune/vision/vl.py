@@ -141,7 +141,8 @@ def text_only_positions(encoder: nn.Module, family: str, text_lengths: torch.Ten
     """While active, ``encoder`` gives positions to each row's first ``text_lengths[b]`` tokens
     only (its prompt and text; the visual tokens follow): T5's relative position bias is zero
     unless both tokens are text; BART's learned positions and embedding ``LayerNorm`` apply to
-    text tokens only. Restores the encoder on exit, error or not."""
+    text tokens only (so a text that fits the position table fits with any number of regions).
+    Restores the encoder on exit, error or not."""
     undo = []
     try:
         if family == "t5":
@@ -160,7 +161,15 @@ def text_only_positions(encoder: nn.Module, family: str, text_lengths: torch.Ten
             def embedding_norm(module, args, out):
                 return torch.where(is_text(out.shape[-2], out.device)[..., None], out, args[0])
 
-            undo.append(encoder.embed_positions.register_forward_hook(positions).remove)
+            def in_table(module, args, kwargs):  # visual / padding positions may run past the table: clamp them
+                length = args[0].shape[1]
+                limit = module.weight.shape[0] - getattr(module, "offset", 0) - 1
+                kwargs["position_ids"] = torch.arange(length, device=module.weight.device).clamp(max=limit)
+                return args, kwargs
+
+            table = encoder.embed_positions
+            undo.append(table.register_forward_pre_hook(in_table, with_kwargs=True).remove)
+            undo.append(table.register_forward_hook(positions).remove)
             undo.append(encoder.layernorm_embedding.register_forward_hook(embedding_norm).remove)
         yield
     finally:
