@@ -65,10 +65,14 @@ def weights_fingerprint(model: nn.Module, exclude=()) -> str:
     About 0.3 s for a 50M-parameter model on one CPU core (values are hashed in place on CPU).
     """
     skip = {id(t) for t in exclude}
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if id(t) in skip:
-            continue
+    named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in skip]
+    return tensors_fingerprint(type(model).__name__, named)
+
+
+def tensors_fingerprint(kind: str, named) -> str:
+    """Digest of ``kind`` and ``(name, tensor)`` pairs: names, dtypes, shapes and values."""
+    h = hashlib.sha256(kind.encode())
+    for name, t in named:
         data = t.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}|{data.dtype}|{tuple(t.shape)}".encode())
         h.update(data.view(torch.uint8).numpy())

@@ -9,10 +9,10 @@ import os
 import numpy as np
 import torch
 
-from .cache import Cache, fingerprint, texts_fingerprint, weights_fingerprint
+from .cache import Cache, fingerprint, tensors_fingerprint, texts_fingerprint, weights_fingerprint
 from .models import encoder_config
 from .regions import RegionInputs, images_digest
-from .tuned import TunedModel, base_of, is_task_list
+from .tuned import SIDES, TunedModel, base_of, is_task_list
 
 POOLINGS = ("mean", "first", "decoder")
 _NEEDS_PART = ("images need a TunedModel with a part that reads them: petune.attach(model, method) (or 'none'), "
@@ -65,7 +65,8 @@ def _decoder_start_state(model, states, mask):
 
 
 def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean",
-         layers: int | None = None, layer_combine: str = "mean", images: dict | None = None) -> torch.Tensor:
+         layers: int | None = None, layer_combine: str = "mean", images: dict | None = None,
+         side: str | None = None) -> torch.Tensor:
     """Embed one tokenised batch: ``[batch, seq]`` ids and mask → ``[batch, d]`` (``d·layers`` if
     concat; a tuned model's projection head then maps it to ``[batch, dim]``, :mod:`petune.heads`).
 
@@ -74,7 +75,17 @@ def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: 
     virtual and visual tokens included. ``layers=n`` pools each of the last ``n`` encoder layers and
     averages (``layer_combine="mean"``) or concatenates (``"concat"``) the results. ``images``: the
     batch's visual input (:func:`petune.vision.image_batch`), for models with a visual embedding.
+    ``side="passage"`` on a query-side model (``attach(..., sides="query")``) embeds with the
+    frozen base; any other side with the method.
+
+    Raises:
+        ValueError: images on the frozen passage side.
     """
+    if isinstance(model, TunedModel) and model.is_frozen_side(side):
+        if images is not None:
+            raise ValueError("images go with queries: the passage side of a query-side model is the frozen base")
+        with model.frozen_base() as base:
+            return pool(base, input_ids, attention_mask, pooling, layers, layer_combine)
     want_layers = layers is not None and layers > 1
     out, mask = _encoder_output(model, input_ids, attention_mask, want_layers, images)
     stack = list(out.hidden_states[-layers:]) if want_layers else [out.last_hidden_state]
@@ -94,9 +105,10 @@ def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: 
     return model.after_pooling(out) if isinstance(model, TunedModel) else out
 
 
-def pool_inputs(model, inputs: dict, pooling: str = "mean") -> torch.Tensor:
+def pool_inputs(model, inputs: dict, pooling: str = "mean", side: str | None = None) -> torch.Tensor:
     """:func:`pool` of a collated batch ``{"input_ids", "attention_mask"[, "images"]}``."""
-    return pool(model, inputs["input_ids"], inputs["attention_mask"], pooling, images=inputs.get("images"))
+    return pool(model, inputs["input_ids"], inputs["attention_mask"], pooling, images=inputs.get("images"),
+                side=side)
 
 
 def _task_per_text(tasks, texts) -> list[str]:
@@ -184,7 +196,8 @@ def _max_length(model, tokenizer, max_length, n_visual: int = 0):
 def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None = None,
            layer_combine: str = "mean", prefix: str = "", max_length: int = 256, batch_size: int = 32,
            normalize: bool = False, task: str | list[str] | None = None, progress: bool | None = None,
-           cache_dir: str | os.PathLike | None = None, images=None, quantize: str | None = None) -> np.ndarray:
+           cache_dir: str | os.PathLike | None = None, images=None, quantize: str | None = None,
+           side: str | None = None) -> np.ndarray:
     """Embed texts (and images) with a (tuned) encoder-decoder: ``[n, d]`` float32, rows in input order.
 
     Args:
@@ -221,6 +234,10 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
             the float32 throughput on 256-token passages, MRR@10 0.752 vs 0.756 on the offline BBC
             test split (benchmarks/encode_speed.py). Activations are quantised per batch, so a
             text's vector varies slightly with the texts batched with it. Part of the cache key.
+        side: ``"query"`` or ``"passage"``: required for a query-side model (``attach(...,
+            sides="query")``), whose passages go through the frozen base — with the frozen
+            model's own cache key, so its cached embeddings and stores serve them; ignored by
+            other models.
 
     Returns:
         ``np.ndarray`` of shape ``[len(texts), d]``, dtype float32.
@@ -229,12 +246,19 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
         ValueError: empty ``texts``, bad ``pooling`` / ``layers`` / ``batch_size``, unknown task,
             a task list not one per text; ``quantize`` other than ``"int8"``, or on a model with
             tuned modules or on a GPU;
-            ``images`` not one per text, or on a model without a visual embedding.
+            ``images`` not one per text, or on a model without a visual embedding; no ``side`` for
+            a query-side model.
         TypeError: ``texts`` is a string or holds non-strings.
         FloatingPointError: the model produced NaN or inf (names the first bad text).
     """
     from tqdm.auto import tqdm
 
+    check_side(model, side)
+    if isinstance(model, TunedModel) and model.is_frozen_side(side):
+        with side_model(model, side) as base:  # the base's own call: its cache key, its embeddings
+            return encode(base, tokenizer, texts, pooling=pooling, layers=layers, layer_combine=layer_combine,
+                          prefix=prefix, max_length=max_length, batch_size=batch_size, normalize=normalize,
+                          progress=progress, cache_dir=cache_dir, images=images, quantize=quantize)
     if images is not None:
         texts, images = prepare_images(model, texts, images, cache_dir)
     texts = _check_args(texts, pooling, layers, layer_combine, batch_size)
@@ -298,6 +322,35 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
     return out
 
 
+def check_side(model, side) -> None:
+    """``side`` is valid, and given when ``model`` tunes the query side only.
+
+    Raises:
+        ValueError: another value, or ``None`` for a query-side model.
+    """
+    if side not in SIDES:
+        raise ValueError(f"side must be 'query', 'passage' or None, got {side!r}")
+    if side is None and getattr(model, "sides", None) == "query":
+        raise ValueError("this model tunes the query side only: encode queries with side='query' and passages "
+                         "with side='passage' (the frozen base)")
+
+
+@contextlib.contextmanager
+def side_model(model, side: str | None):
+    """Context manager giving the model that encodes ``side``: a query-side model's frozen base
+    (:meth:`petune.TunedModel.frozen_base`) for passages, else ``model`` itself.
+
+    Raises:
+        ValueError: see :func:`check_side`.
+    """
+    check_side(model, side)
+    if isinstance(model, TunedModel) and model.is_frozen_side(side):
+        with model.frozen_base() as base:
+            yield base
+    else:
+        yield model
+
+
 #: encode() options that change the embeddings (batch_size and progress do not)
 _KEYED = ("pooling", "layers", "layer_combine", "prefix", "max_length", "normalize", "task", "images", "quantize")
 
@@ -333,7 +386,21 @@ def encoder_key(model, tokenizer, options: dict) -> str:
     options = keyed_options(model, tokenizer, options)
     tok = [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
            len(tokenizer) if hasattr(tokenizer, "__len__") else None]  # added tokens change the ids
-    return fingerprint(weights_fingerprint(model, exclude=_decoder_only(model, options["pooling"])), tok, options)
+    return fingerprint(_weights_key(model, _decoder_only(model, options["pooling"])), tok, options)
+
+
+def _weights_key(model, exclude) -> str:
+    """:func:`petune.cache.weights_fingerprint`; for a tuned model's base with its method switched
+    off (:meth:`petune.TunedModel.frozen_base`), the digest of the model before the method was
+    attached — its class, its parameter names (peft's ``base_layer`` taken out), without the
+    method's tensors — so that the frozen model's cached embeddings and stores are found."""
+    method_tensors = getattr(model, "_petune_method_tensors", None)
+    if method_tensors is None:
+        return weights_fingerprint(model, exclude=exclude)
+    skip = method_tensors | {id(t) for t in exclude}
+    named = [(n.replace(".base_layer", ""), t) for n, t in [*model.named_parameters(), *model.named_buffers()]
+             if id(t) not in skip]
+    return tensors_fingerprint(getattr(model, "_petune_base_class", type(model).__name__), named)
 
 
 def _decoder_only(model, pooling: str) -> list:
@@ -381,6 +448,13 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
 
     if gather_to not in ("main", "all"):
         raise ValueError(f"gather_to must be 'main' or 'all', got {gather_to!r}")
+    side = options.pop("side", None)
+    if isinstance(model, TunedModel) and model.is_frozen_side(side):
+        with side_model(model, side) as base:
+            return encode_sharded(base, tokenizer, texts, gather_to=gather_to, cache_dir=cache_dir, progress=progress,
+                                  **options)
+    check_side(model, side)
+    options["side"] = side
     state = process_state()
     if state.num_processes == 1:
         return encode(model, tokenizer, texts, cache_dir=cache_dir, progress=progress, **options)

@@ -54,7 +54,8 @@ def add_projection_head(tuned: TunedModel, dim: int | None = None, *, bias: bool
 
     Raises:
         TypeError: ``tuned`` is not a :class:`petune.TunedModel`.
-        ValueError: a bad ``dim``; a head already added.
+        ValueError: a bad ``dim``; a head already added; a query-side model (its passages are
+            the frozen base's embeddings, which a head on the query side would no longer match).
     """
     from .models import d_model
 
@@ -62,6 +63,9 @@ def add_projection_head(tuned: TunedModel, dim: int | None = None, *, bias: bool
         raise TypeError("add_projection_head takes the TunedModel from petune.attach")
     if "head" in tuned.extra_parts:
         raise ValueError("this model already has a projection head")
+    if tuned.sides == "query":
+        raise ValueError("a query-side model's passages are the frozen base's embeddings: a projection head on "
+                         "its queries would map them out of that space; attach without sides= for a head")
     d_in = d_model(tuned.base_model)
     dim = d_in if dim is None else dim
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:

@@ -29,7 +29,7 @@ def save(tuned: TunedModel, path: str | os.PathLike) -> Path:
     """Write the tuned parameters of ``tuned`` (never the base weights) to the directory ``path``.
 
     Files: ``model.safetensors`` (parameter names as in ``tuned.model``, original dtypes) and
-    ``petune.json`` (method, resolved options, tasks, base-model fingerprint, parameter shapes, the
+    ``petune.json`` (method, resolved options, tasks, sides, base-model fingerprint, parameter shapes, the
     added parts' kinds, modules and options (the visual embedding's): enough for :func:`load` to
     re-attach the method, and re-add the parts, to a fresh base model). The directory is
     built beside ``path`` and renamed into place, so an interrupted save leaves either the old
@@ -63,6 +63,8 @@ def save(tuned: TunedModel, path: str | os.PathLike) -> Path:
     }
     if tuned.extra_parts:
         config["parts"] = _parts_config(tuned)
+    if tuned.sides is not None:
+        config["sides"] = tuned.sides
     try:
         text = json.dumps(config, indent=2)
     except TypeError as e:
@@ -132,7 +134,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> TunedModel:
         saved_parts = {"visual": {"module": "petune.vision", "options": config["visual"]}}
     if isinstance(model, TunedModel):
         got = {"method": model.method.name, "options": model.method.options, "tasks": model.tasks,
-               "shared": model.shared, "parts": {k: e["options"] for k, e in _parts_config(model).items()}}
+               "shared": model.shared, "sides": model.sides,
+               "parts": {k: e["options"] for k, e in _parts_config(model).items()}}
         want = {**{k: config.get(k) for k in got if k != "parts"},
                 "parts": {k: e["options"] for k, e in saved_parts.items()}}
         if json.loads(json.dumps(got)) != want:
@@ -140,7 +143,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> TunedModel:
                              "load it into a fresh base model instead")
         tuned = model
     else:
-        tuned = attach(model, config["method"], tasks=config["tasks"], shared=config["shared"], **config["options"])
+        tuned = attach(model, config["method"], tasks=config["tasks"], shared=config["shared"],
+                       sides=config.get("sides"), **config["options"])
         for kind, entry in saved_parts.items():  # each part's own module rebuilds it from its options
             part_class(kind, entry["module"]).from_options(tuned, **entry["options"])
     params = tuned.tuned_parameters()

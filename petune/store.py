@@ -395,7 +395,8 @@ def encode_to_store(model, tokenizer, texts, path: str | os.PathLike, *, column:
         progress: the main process's bar over the whole collection (every process's chunks, with
             an ETA when the size is known); default on. Other processes never show one.
         **options: :func:`petune.encode`'s keyword options (pooling, prefix, max_length,
-            batch_size, normalize, task, quantize, ...); not ``images`` nor a list of tasks.
+            batch_size, normalize, task, quantize, side, ...); not ``images`` nor a list of tasks.
+            ``side="passage"`` on a query-side model writes (or finds) the frozen base's store.
 
     Returns:
         The finished :class:`EmbeddingStore` (on every process). Its ``last_run`` says which
@@ -422,6 +423,15 @@ def encode_to_store(model, tokenizer, texts, path: str | os.PathLike, *, column:
     from .dist import agree_on_errors, process_state
     from .embed import _check_quantize, encode, int8_copy
 
+    from .embed import check_side, side_model
+    from .tuned import TunedModel
+
+    check_side(model, options.get("side"))
+    if isinstance(model, TunedModel) and model.is_frozen_side(options.get("side")):
+        options.pop("side")  # a query-side model's passages: the frozen base's store
+        with side_model(model, "passage") as base:
+            return encode_to_store(base, tokenizer, texts, path, column=column, ids=ids, chunk_size=chunk_size,
+                                   dtype=dtype, progress=progress, **options)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:

@@ -12,6 +12,9 @@ from .models import check_encoder_decoder
 from .parts import SHARED, Part
 from .methods.registry import get_method
 
+#: the sides an encode or a training group names: a query, a passage, or neither (symmetric use)
+SIDES = ("query", "passage", None)
+
 
 def is_task_list(task) -> bool:
     """``task`` names one task per row (a list or tuple) rather than one task for the batch."""
@@ -76,6 +79,7 @@ class TunedModel(nn.Module):
         self.active_task = None
         self._active_module = None
         self.extra_parts: dict[str, Part] = {}  # kind → part (petune.parts), added by add_part
+        self.sides: str | None = None  # "query": the method tunes queries only, passages are the frozen base
         self._parts = {}  # {part name: {module: {name relative to self: Parameter}}}
 
     # -- forward ---------------------------------------------------------------------------
@@ -191,6 +195,32 @@ class TunedModel(nn.Module):
         raise ValueError(f"{input_key} need a part that reads them (for images: a visual embedding, "
                          "petune.vision.add_visual(tuned, ...)); this model has "
                          f"{[p.label for p in self.extra_parts.values()] or 'none'}")
+
+    @contextlib.contextmanager
+    def frozen_base(self):
+        """Context manager giving the base model with the method switched off
+        (:meth:`petune.Method.disabled`): what the frozen passage side of a query-side model
+        (``attach(..., sides="query")``) computes. Parts (a visual embedding, a projection head)
+        are not applied through it."""
+        base = self.base_model
+        with self.method.disabled(self.model):
+            # while off, the base's weights are the frozen model's: the cache keys it as that model
+            base._petune_method_tensors = {id(p) for p in self._tuned_list}
+            try:
+                yield base
+            finally:
+                del base._petune_method_tensors
+
+    def is_frozen_side(self, side: str | None) -> bool:
+        """Whether encoding ``side`` (``"query"``, ``"passage"`` or ``None``) runs the frozen base:
+        the passage side of a query-side model.
+
+        Raises:
+            ValueError: ``side`` is not one of those.
+        """
+        if side not in SIDES:
+            raise ValueError(f"side must be 'query', 'passage' or None, got {side!r}")
+        return self.sides == "query" and side == "passage"
 
     @property
     def base_model(self) -> nn.Module:
@@ -377,7 +407,8 @@ def _check_tasks(tasks) -> list[str] | None:
     return tasks
 
 
-def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = None, **options) -> TunedModel:
+def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = None, sides: str | None = None,
+           **options) -> TunedModel:
     """Attach a registered tuning method to a Hugging Face encoder-decoder and freeze the rest.
 
     Args:
@@ -390,6 +421,13 @@ def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = N
         tasks: task names. With ``shared=False`` (the default when ``tasks`` is given) each task
             gets its own module — VL-Adapter's "multiple" setting; with ``shared=True`` one module
             serves all tasks ("single").
+        sides: ``None`` (default): queries and passages share the method (symmetric, as DPR's
+            shared encoder); ``"query"``: the method tunes the query side only and passages are
+            encoded by the frozen base (:meth:`TunedModel.frozen_base`) — so a collection encoded
+            once with the frozen model serves every query-side model (the same store and cache
+            key), and training encodes passages without gradients (Semi-Siamese bi-encoders,
+            Jung et al., WWW 2022; sentence-transformers' asymmetric ``Router``). Encoding then
+            says its side: ``petune.encode(..., side="query" | "passage")``.
         **options: the method's options (see each method's docstring).
 
     Returns:
@@ -398,7 +436,8 @@ def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = N
     Raises:
         ValueError: unknown method (lists the registered ones), bad options, bad task names,
             ``shared=False`` without tasks, per-task modules for a method that cannot have them,
-            or a model that already has a method attached.
+            ``sides`` other than ``None`` / ``"query"`` (or ``"query"`` for a method that cannot be
+            switched off), or a model that already has a method attached.
         TypeError: ``model`` is not a Hugging Face encoder-decoder.
 
     Options and the model are validated before the model is touched, so a bad call leaves it as it was.
@@ -412,6 +451,12 @@ def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = N
         raise ValueError("shared=False needs tasks=[...]: one module per task")
     if not shared and not cls.per_task:
         raise ValueError(f"method {method!r} supports only one shared module; pass shared=True")
+    if sides not in (None, "query"):
+        raise ValueError(f"sides must be None (queries and passages share the method) or 'query' (the method "
+                         f"tunes queries only; passages are the frozen base), got {sides!r}")
+    if sides == "query" and not cls.can_disable:
+        raise ValueError(f"method {method!r} cannot be switched off, so it cannot leave the passage side frozen; "
+                         "attach it without sides=")
     instance = cls(**options)
     instance.validate(model)
     modules = [SHARED] if shared else list(tasks)
@@ -431,6 +476,7 @@ def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = N
     model._petune_attached = True
     model._petune_base_class = base_class
     out = TunedModel(wrapped, instance, tasks, shared, tuned)
+    out.sides = sides
     out.use_task(tasks[0] if tasks else None)
     out._set_trainable()  # everything frozen but the method, whatever the library left on
     return out

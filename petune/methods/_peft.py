@@ -39,6 +39,9 @@ class PeftMethod(Method):
     def activate(self, model, module):
         model.set_adapter(module)
 
+    def disabled(self, model):
+        return model.disable_adapter()  # peft's own switch: the base layers alone
+
     def merged(self, model, module):
         """peft's ``merge_and_unload`` of ``module`` on a copy: the update folded into the weights
         (LoRA: ``W + (alpha / r) · B A``; (IA)^3: the scaling vectors multiplied in)."""

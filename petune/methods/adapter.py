@@ -139,6 +139,24 @@ class BottleneckAdapter(Method):
         else:
             model.set_active_adapters(module)
 
+    @contextlib.contextmanager
+    def disabled(self, model):
+        """No adapter active (the adapters library's ``set_active_adapters(None)``, or petune's
+        hooks passing states through), then the previous ones again."""
+        if self.library == "petune":
+            previous, self.hooks.active = self.hooks.active, None
+            try:
+                yield
+            finally:
+                self.hooks.active = previous
+            return
+        previous = model.active_adapters
+        model.set_active_adapters(None)
+        try:
+            yield
+        finally:
+            model.set_active_adapters(previous)
+
     def merged(self, model, module):
         raise ValueError("bottleneck adapters are non-linear layers that no transformers architecture has, so they "
                          "cannot be merged into the weights or loaded by plain transformers; save with "

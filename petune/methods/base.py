@@ -58,6 +58,14 @@ class Method:
     def activate(self, model: nn.Module, module: str) -> None:
         pass
 
+    #: whether :meth:`disabled` can switch the method off (a query-side-only model needs it)
+    can_disable: ClassVar[bool] = True
+
+    def disabled(self, model: nn.Module):
+        """A context manager under which ``model`` computes what the base model computes, the
+        method switched off (the frozen passage side of ``attach(..., sides="query")``)."""
+        raise NotImplementedError
+
     def route(self, model: nn.Module, row_modules: list[str]):
         """A context manager under which one forward sends row ``i`` through ``row_modules[i]``
         (rows arrive grouped by module), or ``None`` to have petune run each module's rows
@@ -147,6 +155,7 @@ class FunctionMethod(Method):
     """A method registered as a plain function ``fn(model, **options)``: one shared module."""
 
     per_task = False
+    can_disable = False  # what the function changed cannot be switched off
     library = "user"
     function = None  # set by register_method
 

@@ -60,6 +60,8 @@ class BottleneckHooks:
         def hook(module, args, output):
             states = output[0] if isinstance(output, tuple) else output  # MoE blocks: (states, router outputs)
             if self.row_modules is None:
+                if self.active is None:  # switched off (Method.disabled)
+                    return output
                 states = self.container[self.active][slot](states)
             else:
                 states = self._per_row(states, slot)

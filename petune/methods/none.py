@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from .registry import register_method
 from .base import Method
 
@@ -26,6 +28,9 @@ class NoMethod(Method):
 
     def module_of(self, param_name):
         return None
+
+    def disabled(self, model):
+        return contextlib.nullcontext()  # nothing to switch off
 
     def merged(self, model, module):
         return model  # nothing attached: the base model is what export writes

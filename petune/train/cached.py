@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from ..embed import pool_inputs
+from ..tuned import TunedModel
 
 
 def split_inputs(inputs: dict, size: int) -> list[dict]:
@@ -66,7 +67,7 @@ def _device(inputs: dict) -> torch.device:
 
 
 def cached_loss(loss_module: torch.nn.Module, model, groups: dict[str, dict], score, pooling: str,
-                mini_batch_size: int) -> torch.Tensor:
+                mini_batch_size: int, sides: dict[str, str] | None = None) -> torch.Tensor:
     """The value of ``score({name: pool_inputs(model, inputs, pooling)})`` with GradCache's
     backward (see the module docstring).
 
@@ -77,11 +78,15 @@ def cached_loss(loss_module: torch.nn.Module, model, groups: dict[str, dict], sc
         score: ``embeddings {name: [rows, d]} -> scalar loss``.
         pooling: as :func:`petune.embed.pool`.
         mini_batch_size: rows embedded at a time.
+        sides: ``{name: side}`` as :func:`petune.embed.pool`'s ``side``; a group on a query-side
+            model's frozen passage side is embedded once (nothing to back-propagate into).
 
     Returns:
         A scalar tensor whose ``backward()`` puts the uncached loss's gradient on the model's
         tuned parameters and the loss's parameters.
     """
+    sides = sides or {}
+    frozen = {name for name in groups if isinstance(model, TunedModel) and model.is_frozen_side(sides.get(name))}
     device_type = _device(next(iter(groups.values()))).type
     amp = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
     chunks = {name: split_inputs(inputs, mini_batch_size) for name, inputs in groups.items()}
@@ -92,21 +97,22 @@ def cached_loss(loss_module: torch.nn.Module, model, groups: dict[str, dict], sc
             rows = []
             for chunk in parts:
                 states[name].append(_RNGState(_device(chunk)))
-                rows.append(pool_inputs(model, chunk, pooling))
-            embeddings[name] = torch.cat(rows).detach().requires_grad_()
+                rows.append(pool_inputs(model, chunk, pooling, side=sides.get(name)))
+            embeddings[name] = torch.cat(rows).detach().requires_grad_(name not in frozen)
     params = [p for p in loss_module.parameters() if p.requires_grad]
     with torch.enable_grad():
         loss = score(embeddings)
-    grads = torch.autograd.grad(loss, [*embeddings.values(), *params], allow_unused=True)
-    cached = dict(zip(embeddings, grads[:len(embeddings)]))
-    param_grads = grads[len(embeddings):]
+    tuned = [name for name in embeddings if name not in frozen]
+    grads = torch.autograd.grad(loss, [*(embeddings[n] for n in tuned), *params], allow_unused=True)
+    cached = dict(zip(tuned, grads[:len(tuned)]))
+    param_grads = grads[len(tuned):]
 
     def backward(grad_output: torch.Tensor):
         with torch.enable_grad(), torch.autocast(device_type, dtype=amp[1], enabled=amp[0]):
-            for name, parts in chunks.items():
-                for chunk, state, grad in zip(parts, states[name], cached[name].split(mini_batch_size)):
+            for name in tuned:
+                for chunk, state, grad in zip(chunks[name], states[name], cached[name].split(mini_batch_size)):
                     with state.replay():
-                        rows = pool_inputs(model, chunk, pooling)
+                        rows = pool_inputs(model, chunk, pooling, side=sides.get(name))
                     torch.autograd.backward(rows, grad.to(rows.dtype) * grad_output.to(rows.dtype))
         for p, g in zip(params, param_grads):
             if g is not None:

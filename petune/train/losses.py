@@ -149,6 +149,9 @@ class ContrastiveLoss(nn.Module):
         ValueError: ``mini_batch_size`` is not a positive integer (at construction).
     """
 
+    #: ``{group: side}`` for :func:`petune.embed.pool` (a query-side model's passages: its frozen base)
+    sides: dict[str, str] = {}
+
     def __init__(self, pooling: str, mini_batch_size: int | None):
         super().__init__()
         if mini_batch_size is not None and (not isinstance(mini_batch_size, int) or mini_batch_size < 1):
@@ -169,8 +172,9 @@ class ContrastiveLoss(nn.Module):
         if m is not None and max(g["input_ids"].shape[0] for g in groups.values()) > m:
             from .cached import cached_loss
 
-            return cached_loss(self, model, groups, lambda e: self.score(e, batch), self.pooling, m)
-        return self.score({k: pool_inputs(model, g, self.pooling) for k, g in groups.items()}, batch)
+            return cached_loss(self, model, groups, lambda e: self.score(e, batch), self.pooling, m, self.sides)
+        return self.score({k: pool_inputs(model, g, self.pooling, side=self.sides.get(k)) for k, g in groups.items()},
+                          batch)
 
 
 class DPRLoss(ContrastiveLoss):
@@ -182,8 +186,11 @@ class DPRLoss(ContrastiveLoss):
     softmax instead of being pushed away. ``scale``: see :func:`dpr_loss` (``None``: inner product;
     score the tuned model the same way, ``encode(..., normalize=True)`` when a scale is given).
     ``mini_batch_size``: embed that many queries (and passages) at a time with a cached loss
-    (:class:`ContrastiveLoss`); ``None`` embeds the whole batch at once.
+    (:class:`ContrastiveLoss`); ``None`` embeds the whole batch at once. On a query-side model
+    (``attach(..., sides="query")``) passages are embedded by the frozen base, without gradients.
     """
+
+    sides = {"query": "query", "passages": "passage"}
 
     def __init__(self, pooling: str = "mean", gather: bool = True, mask_false_negatives: bool = True,
                  scale: float | None = None, mini_batch_size: int | None = None):

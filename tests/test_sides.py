@@ -1,0 +1,113 @@
+"""Query-side-only tuning (attach(..., sides="query")): passages go through the frozen base, with the
+frozen model's own embeddings, cache key and store, for every method; training encodes them without
+gradients (cached and uncached alike); saves keep the side."""
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+import petune
+from conftest import tiny_seq2seq
+from petune.embed import encoder_key, pool_inputs
+from petune.train import DPRLoss
+from petune.train.losses import dpr_loss
+from test_architectures import METHODS
+from test_embed import TEXTS, CharTokenizer
+
+TOK = CharTokenizer()
+
+
+def query_side(arch, method, seed=0):
+    """A query-side model whose method's parameters are random (as if trained), and the frozen twin."""
+    name, options = METHODS.get(method, (method, {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuned = petune.attach(tiny_seq2seq(arch, seed), name, sides="query", **options)
+    g = torch.Generator().manual_seed(seed + 1)
+    for p in tuned.parameters():
+        if p.requires_grad:
+            p.data.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return tuned.eval(), tiny_seq2seq(arch, seed)
+
+
+@pytest.mark.parametrize("arch,method", [("t5", "lora"), ("t5", "ia3"), ("t5", "prompt"), ("t5", "adapter (Pfeiffer)"),
+                                         ("bart", "lora"), ("pegasus", "adapter (Houlsby)"), ("t5", "none")])
+def test_passages_are_the_frozen_models_with_its_cache_key(arch, method, tmp_path, caplog):
+    tuned, frozen = query_side(arch, method)
+    frozen_vecs = petune.encode(frozen, TOK, TEXTS, cache_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="petune"):
+        passages = petune.encode(tuned, TOK, TEXTS, side="passage", cache_dir=tmp_path)
+    assert "reusing cached embeddings" in caplog.text  # the frozen model's entry, found by key
+    assert len(list(tmp_path.glob("embeddings-*.npy"))) == 1
+    assert (passages == frozen_vecs).all()
+    torch.testing.assert_close(torch.from_numpy(petune.encode(tuned, TOK, TEXTS, side="passage")),
+                               torch.from_numpy(frozen_vecs), atol=1e-6, rtol=1e-6)  # computed, not cached
+    assert encoder_key(frozen, TOK, {}) != encoder_key(tuned, TOK, {})
+    if method != "none":
+        queries = petune.encode(tuned, TOK, TEXTS, side="query")
+        assert not torch.allclose(torch.from_numpy(queries), torch.from_numpy(frozen_vecs), atol=1e-4)
+    with pytest.raises(ValueError, match="side='query'.*side='passage'"):
+        petune.encode(tuned, TOK, TEXTS)
+    # the method is back on after the frozen side, and its parameters are keyed again
+    assert all(not hasattr(m, "_petune_method_tensors") for m in tuned.modules())
+
+
+def test_store_of_the_frozen_model_serves_the_passage_side(tmp_path):
+    tuned, frozen = query_side("t5", "lora")
+    first = petune.encode_to_store(frozen, TOK, TEXTS * 3, tmp_path / "store", chunk_size=4, progress=False)
+    again = petune.encode_to_store(tuned, TOK, TEXTS * 3, tmp_path / "store", chunk_size=4, progress=False,
+                                   side="passage")
+    assert again.last_run == {"encoded": [], "reused": 3}
+    assert (again.to_array() == first.to_array()).all() and again.path == first.path
+    with pytest.raises(petune.store.StoreError):  # the query side is another model: not this store
+        petune.encode_to_store(tuned, TOK, TEXTS * 3, tmp_path / "store", chunk_size=4, progress=False, side="query")
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_training_encodes_passages_frozen_cached_equals_uncached(method):
+    batch = {"query": TOK(["q one", "q two", "q three", "q four"], padding=True),
+             "passages": TOK(["p a", "p b", "p c", "p d", "p e", "p f", "p g", "p h"], padding=True)}
+    grads = []
+    for mini in (None, 2):
+        tuned, _ = query_side("t5", method)  # eval: no dropout, so mini-batches see what the batch sees
+        DPRLoss(mini_batch_size=mini)(tuned, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in tuned.named_parameters() if p.grad is not None})
+    assert grads[0] and grads[0].keys() == grads[1].keys()  # the encoder's modules (the decoder's get none)
+    assert all(g.abs().sum() > 0 for g in grads[0].values())
+    # the same as scoring the tuned queries against the frozen twin's passages
+    tuned, frozen = query_side("t5", method)
+    with torch.no_grad():
+        passages = pool_inputs(frozen, batch["passages"])
+    dpr_loss(pool_inputs(tuned, batch["query"], side="query"), passages).backward()
+    for name, p in tuned.named_parameters():
+        if name in grads[0]:
+            torch.testing.assert_close(p.grad, grads[0][name], atol=1e-5, rtol=1e-4)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
+
+
+def test_sides_saved_loaded_and_refused_where_they_cannot_work(tmp_path):
+    tuned, _ = query_side("t5", "lora")
+    petune.save(tuned, tmp_path / "q")
+    again = petune.load(tiny_seq2seq("t5"), tmp_path / "q")
+    assert again.sides == "query" and petune.read_config(tmp_path / "q")["sides"] == "query"
+    assert (petune.encode(again, TOK, TEXTS, side="query") == petune.encode(tuned, TOK, TEXTS, side="query")).all()
+    symmetric = petune.attach(tiny_seq2seq("t5"), "lora", r=4)
+    with pytest.raises(ValueError, match="holds parameters for"):
+        petune.load(symmetric, tmp_path / "q")
+    assert (petune.encode(symmetric, TOK, TEXTS, side="passage") == petune.encode(symmetric, TOK, TEXTS)).all()
+    with pytest.raises(ValueError, match="sides must be None"):
+        petune.attach(tiny_seq2seq("t5"), "lora", sides="passage")
+    with pytest.raises(ValueError, match="side must be"):
+        petune.encode(tuned, TOK, TEXTS, side="document")
+    with pytest.raises(ValueError, match="projection head"):
+        petune.add_projection_head(tuned, 8)
+
+    @petune.register_method("scale-q-side-test")
+    def scale(model):
+        model.get_encoder().final_layer_norm.weight.requires_grad_(True)
+
+    with pytest.raises(ValueError, match="cannot be switched off"):
+        petune.attach(tiny_seq2seq("t5"), "scale-q-side-test", sides="query")
