@@ -34,8 +34,9 @@ from pathlib import Path
 
 from petune.dist import main_process_first
 from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_mini_batch_arg,
-                                add_run_args, cache_dir, dense_run, encode_settings, job_main, load_model,
-                                method_options, start_run, write_model_card, write_report)
+                                add_run_args, add_sides_arg, cache_dir, dense_run, encode_settings, encode_side,
+                                job_main, load_model, method_options, sides_option, start_run, write_model_card,
+                                write_report)
 
 log = logging.getLogger("petune.recipes.retrieval")
 METRICS = ["mrr@10", "ndcg@10", "recall@100"]
@@ -50,6 +51,7 @@ def parse_args(argv=None):
                         "Tevatron's {query, positive_passages, negative_passages}")
     parser.add_argument("--model", help="seq2seq model name or path (default: the packaged MiniLM BERT2BERT)")
     add_method_args(parser)
+    add_sides_arg(parser)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32, help="examples per batch and process")
     add_mini_batch_arg(parser)
@@ -172,12 +174,17 @@ def dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state):
     texts = texts_of(data.corpus, candidates)
     best = {"mrr@10": -1.0}
     normalize = args.similarity == "cosine"
+    sides = (encode_side(tuned, "query"), encode_side(tuned, "passage"))
+    frozen_docs = []  # a query-side model's candidates are the frozen model's: encoded once
 
     def evaluate_dev(trainer) -> dict:
-        docs = petune.encode(tuned, tokenizer, [texts[r] for r in candidates], max_length=args.passage_length,
-                             prefix=args.passage_prefix, normalize=normalize, progress=False)
+        docs = frozen_docs[0] if frozen_docs else petune.encode(
+            tuned, tokenizer, [texts[r] for r in candidates], max_length=args.passage_length,
+            prefix=args.passage_prefix, normalize=normalize, progress=False, side=sides[1])
+        if tuned.sides == "query":
+            frozen_docs[:] = [docs]
         q = petune.encode(tuned, tokenizer, list(dev.values()), max_length=args.query_length,
-                          prefix=args.query_prefix, normalize=normalize, progress=False)
+                          prefix=args.query_prefix, normalize=normalize, progress=False, side=sides[0])
         found = DenseIndex(docs, [str(r) for r in candidates]).search(q, list(dev), k=min(100, len(candidates)))
         qrels = {q: {str(row[d]): s for d, s in docs.items()} for q, docs in data.qrels["dev"].items()}
         score = evaluate(qrels, found, "mrr@10")["mrr@10"]
@@ -218,7 +225,7 @@ def main(job):
     encode_options = dict(query_length=args.query_length, query_prefix=args.query_prefix,
                           passage_prefix=args.passage_prefix, normalize=normalize)
     frozen_run = dense_run(model, tokenizer, data.corpus, test, args, cache, **encode_options)
-    tuned = petune.attach(model, args.method, **method_options(args))
+    tuned = petune.attach(model, args.method, sides=sides_option(args), **method_options(args))
     if state.is_main_process:
         print(tuned.trainable_report())
     collate = RetrievalCollator(tokenizer, query_max_length=args.query_length,
@@ -245,6 +252,7 @@ def main(job):
         command = job.command
         summary = {
             "command": command, "data": str(data.root), "method": args.method, "options": method_options(args),
+            "sides": args.sides,
             "lr": args.lr, "epochs": args.epochs, "processes": state.num_processes,
             "trainable": tuned.trainable_report().as_dict(),
             "corpus": len(data.corpus), "queries": {s: len(q) for s, q in data.qrels.items()},
@@ -262,8 +270,10 @@ def main(job):
         write_report(out_dir, markdown, summary)
         write_model_card(out_dir / "tuned", tuned, command, report_markdown(report), base=args.model,
                          datasets=[args.hub] if args.hub else None, encodings={
-                             "queries": encode_settings(args.query_length, args.query_prefix, normalize),
-                             "passages": encode_settings(args.passage_length, args.passage_prefix, normalize)})
+                             "queries": encode_settings(args.query_length, args.query_prefix, normalize,
+                                                        side=encode_side(tuned, "query")),
+                             "passages": encode_settings(args.passage_length, args.passage_prefix, normalize,
+                                                         side=encode_side(tuned, "passage"))})
     state.wait_for_everyone()
     return 0
 

@@ -51,8 +51,8 @@ import torch  # noqa: E402
 
 import petune  # noqa: E402
 from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_mini_batch_arg,  # noqa: E402
-                                add_run_args, cache_dir, dense_run, job_main, method_options, start_run,
-                                write_report)
+                                add_run_args, add_sides_arg, cache_dir, dense_run, job_main, method_options,
+                                sides_option, start_run, write_report)
 from petune.jobs.vl import add_visual_from_args, add_vl_args, check_vl_args, load_base, region_features  # noqa
 from petune.data import viquae  # noqa: E402
 from petune.dist import main_process_first  # noqa: E402
@@ -91,6 +91,7 @@ def parse_args(argv=None):
     parser.add_argument("--images-dir", help="folder of ViQuAE's question images: multimodal queries "
                         "(question + image); without it, text only")
     parser.add_argument("--output-dir", default="runs/viquae")
+    add_sides_arg(parser)
     add_vl_args(parser)
     add_run_args(parser, checkpoint_every=200)
     args = parser.parse_args(argv)
@@ -173,7 +174,7 @@ def main(job):
         frozen_run = dense_run(model, tokenizer, passages, test_questions, args, cache,
                                query_length=args.question_length)
 
-    tuned = petune.attach(model, args.method, **method_options(args))
+    tuned = petune.attach(model, args.method, sides=sides_option(args), **method_options(args))
     if args.region_features:
         add_visual_from_args(tuned, args, pretrained, next(iter(images.values()))["features"].shape[-1])
     elif images is not None:
@@ -215,7 +216,8 @@ def main(job):
         petune.save(tuned, out_dir / "tuned")
         summary = {
             "command": job.command,
-            "method": args.method, "options": method_options(args), "lr": args.lr, "epochs": args.epochs,
+            "method": args.method, "options": method_options(args), "sides": args.sides, "lr": args.lr,
+            "epochs": args.epochs,
             "images": images is not None, "region_features": args.region_features,
             "vl_checkpoint": args.vl_t5 or args.vl_bart,
             "visual_mode": tuned.petune_visual.mode if images is not None else None,

@@ -182,11 +182,17 @@ def test_retrieval_job_two_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            str(ROOT / "recipes" / "retrieval.py"), "--beir", str(root), "--method", "lora", "--batch-size", "4",
            "--passage-length", "64", "--train-passage-length", "48", "--store-from", "0", "--store-chunk-size", "8",
-           "--output-dir", str(out)]
+           "--sides", "query", "--output-dir", str(out)]
     done = subprocess.run(cmd, env={**os.environ, **ENV_RUN}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2 and report["passage_store"] and set(report["scores"]) == {"BM25", "frozen", "lora"}
+    # query-side LoRA: the frozen run encoded the collection (5 chunks of 8), the tuned run encoded only queries
+    encoded = [line for line in done.stderr.splitlines() if "chunk(s) encoded now" in line]
+    assert len(encoded) == 4 and sum("3 chunk(s) encoded now by process 0" in line for line in encoded) == 1
+    assert sum(" 0 chunk(s) encoded now" in line for line in encoded) == 2, encoded
+    assert report["sides"] == "query" and petune.read_config(out / "tuned")["sides"] == "query"
+    assert len(list((out / "cache" / "stores").iterdir())) == 1  # one store: the frozen model's, kept
 
 
 def test_classification_job_on_a_labelled_csv(tmp_path):

@@ -27,6 +27,24 @@ NOT_RUN_IDENTITY = {"output_dir", "resume", "cache_dir", "checkpoint_every", "co
 DEFAULT_LR = {"prompt": 3e-2, "adapter": 2e-3, "ia3": 1e-2, "lora": 2e-3}
 
 
+def add_sides_arg(parser: argparse.ArgumentParser) -> None:
+    """``--sides both|query``: one method for queries and passages, or queries only over the frozen
+    model's passages (``petune.attach(..., sides=...)``)."""
+    parser.add_argument("--sides", default="both", choices=["both", "query"], help="both: queries and passages "
+                        "share the method (DPR's shared encoder); query: the method tunes queries only and passages "
+                        "stay the frozen model's, so the collection is encoded once for every tuned model")
+
+
+def sides_option(args) -> str | None:
+    """``petune.attach``'s ``sides`` from ``--sides``."""
+    return None if getattr(args, "sides", "both") == "both" else args.sides
+
+
+def encode_side(model, side: str) -> str | None:
+    """``petune.encode``'s ``side`` for ``model``: ``side`` for a query-side model, else ``None``."""
+    return side if getattr(model, "sides", None) == "query" else None
+
+
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("method (petune.attach)")
     g.add_argument("--method", default="adapter", choices=["prompt", "adapter", "ia3", "lora"])
@@ -111,7 +129,23 @@ def dense_run(model, tokenizer, passages, queries: dict, args, cache, *, query_l
     passages are encoded in memory, gathered on the main process and indexed there.
 
     ``keep_store=False``: the store (and its index) is removed once every process has searched it
-    (a tuned model's: no later run has the same weights)."""
+    (a tuned model's: no later run has the same weights).
+
+    A query-side model (``attach(..., sides="query")``) encodes only the queries: its passages
+    are the frozen base's, so the frozen model's cached embeddings or store serve it (the log
+    says how many store chunks were encoded now and how many were reused), and that store is kept."""
+    from petune.embed import encode_sharded, side_model
+
+    qids = list(queries)
+    q = encode_sharded(model, tokenizer, [queries[i] for i in qids], max_length=query_length, cache_dir=cache,
+                       images=None if images is None else [images[i] for i in qids], gather_to="all",
+                       prefix=query_prefix, normalize=normalize, side=encode_side(model, "query"))
+    with side_model(model, encode_side(model, "passage")) as encoder:  # query-side: the frozen base
+        return _passage_search(encoder, tokenizer, passages, q, qids, args, cache, column, passage_prefix, normalize,
+                               keep_store or encoder is not model)
+
+
+def _passage_search(model, tokenizer, passages, q, qids, args, cache, column, passage_prefix, normalize, keep_store):
     import petune
     from petune.cache import collection_fingerprint
     from petune.data.stream import RowIds
@@ -119,10 +153,6 @@ def dense_run(model, tokenizer, passages, queries: dict, args, cache, *, query_l
     from petune.embed import encode_sharded, encoder_key
     from petune.score import DenseIndex, ExactStoreIndex, build_index
 
-    qids = list(queries)
-    q = encode_sharded(model, tokenizer, [queries[i] for i in qids], max_length=query_length, cache_dir=cache,
-                       images=None if images is None else [images[i] for i in qids], gather_to="all",
-                       prefix=query_prefix, normalize=normalize)
     k = min(100, len(passages))
     options = {"max_length": args.passage_length, "prefix": passage_prefix, "normalize": normalize}
     if len(passages) < args.store_from:
@@ -136,6 +166,8 @@ def dense_run(model, tokenizer, passages, queries: dict, args, cache, *, query_l
     store = petune.encode_to_store(model, tokenizer, passages, where, column=column, dtype=args.store_dtype,
                                    chunk_size=args.store_chunk_size, **options)
     state = process_state()
+    log.info("passage store %s: %d chunk(s) encoded now by process %d, %d found encoded", where.name,
+             len(store.last_run["encoded"]), state.process_index, store.last_run["reused"])
     if args.index_factory == "Flat":
         run = ExactStoreIndex(store).search(q, qids, k=k, sharded=True)
     elif state.is_main_process:
@@ -318,8 +350,9 @@ def write_model_card(directory: Path, tuned, command: str, scores_markdown: str,
 
 
 def encode_settings(max_length: int, prefix: str = "", normalize: bool = False, pooling: str = "mean",
-                    task: str | None = None) -> dict:
+                    task: str | None = None, side: str | None = None) -> dict:
     """``petune.encode`` keyword options as a card shows them: those that differ from its defaults."""
-    options = {"max_length": max_length, "prefix": prefix, "normalize": normalize, "pooling": pooling, "task": task}
-    defaults = {"prefix": "", "normalize": False, "pooling": "mean", "task": None}
+    options = {"max_length": max_length, "prefix": prefix, "normalize": normalize, "pooling": pooling, "task": task,
+               "side": side}
+    defaults = {"prefix": "", "normalize": False, "pooling": "mean", "task": None, "side": None}
     return {k: v for k, v in options.items() if k not in defaults or v != defaults[k]}
