@@ -106,7 +106,7 @@ def _export_adapter(tuned, path: Path, task, format: str, settings: dict, scores
 def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = None, tokenizer=None,
            pooling: str = "mean", prefix: str = "", normalize: bool = False, max_length: int | None = None,
            format: str = "transformers", scores_markdown: str | None = None, command: str | None = None,
-           query_prefix: str | None = None, passage_prefix: str | None = None) -> Path:
+           query_prefix: str | None = None, passage_prefix: str | None = None, side: str | None = None) -> Path:
     """Write ``task``'s tuned model as a plain Hugging Face model directory.
 
     LoRA and (IA)^3 are merged into the base weights (peft's ``merge_and_unload``, on a copy: the
@@ -154,6 +154,11 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         format: ``"transformers"``, ``"sentence-transformers"``, ``"peft"`` or ``"adapters"``.
         query_prefix, passage_prefix: an asymmetric retrieval model's prefixes (instead of
             ``prefix``, which must then be empty).
+        side: for a query-side model (``attach(..., sides="query")``), which side this folder
+            holds: ``"query"`` (the method merged) or ``"passage"`` (the frozen base, the method
+            removed: peft's ``unload`` on a copy). Two folders, each a model of its own that
+            sentence-transformers or transformers loads; encode queries with the first and
+            passages with the second. Ignored by symmetric models.
 
     Returns:
         The directory.
@@ -164,7 +169,8 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
             than ``"mean"`` / ``"first"``, an unknown ``format``; ``"peft"`` for a method peft does
             not give (bottleneck adapters), ``"adapters"`` for one the adapters library does not;
             for sentence-transformers, no tokenizer or an architecture whose encoder it cannot
-            load alone (BART, mBART, LED, ...).
+            load alone (BART, mBART, LED, ...); a query-side model without ``side`` in a
+            whole-model format.
     """
     if pooling not in ("mean", "first"):
         raise ValueError(f"export writes encoder pooling 'mean' or 'first', got {pooling!r}")
@@ -180,14 +186,22 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         named = labels[0] + " is" if len(labels) == 1 else ", ".join(labels[:-1]) + f" and {labels[-1]} are"
         raise ValueError(f"{named} not part of any transformers architecture; save with "
                          "petune.save(tuned, path) and load with petune.load(model, path)")
-    if format in ADAPTER_FORMATS:
+    if format in ADAPTER_FORMATS:  # a query-side model's module: for its queries only, as the settings say
         return _export_adapter(tuned, Path(path), task, format, {"prefix": prefix, "max_length": max_length,
-                               "pooling": pooling, "normalize": normalize}, scores_markdown, command)
+                               "pooling": pooling, "normalize": normalize,
+                               **({"applies_to": "queries only"} if tuned.sides == "query" else {})},
+                               scores_markdown, command)
     module = tuned.module_for(task)
-    plain = tuned.method.merged(tuned.model, module)
+    if tuned.sides == "query" and side not in ("query", "passage"):
+        raise ValueError("this model tunes the query side only: export each side to its own folder, "
+                         "export(..., side='query') and export(..., side='passage') (the frozen base)")
+    if tuned.sides == "query" and side == "passage":
+        plain = tuned.method.unloaded(tuned.model)
+    else:
+        plain = tuned.method.merged(tuned.model, module)
     settings = {"pooling": pooling, "prefix": prefix, "normalize": normalize, "max_length": max_length,
                 "method": tuned.method.name, "options": tuned.method.options, "task": task,
-                "model_class": type(plain).__name__}
+                "model_class": type(plain).__name__, **({"side": side} if tuned.sides == "query" else {})}
     card_settings = {"pooling": pooling, "prefix": repr(prefix), "normalize": normalize, "max_length": max_length}
     if default_prompt is None and prompts:
         for side, value in (("query_prefix", prompts["query"]), ("passage_prefix", prompts["document"])):

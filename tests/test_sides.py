@@ -111,3 +111,25 @@ def test_sides_saved_loaded_and_refused_where_they_cannot_work(tmp_path):
 
     with pytest.raises(ValueError, match="cannot be switched off"):
         petune.attach(tiny_seq2seq("t5"), "scale-q-side-test", sides="query")
+
+
+def test_export_writes_one_folder_per_side_that_sentence_transformers_loads(tmp_path, minilm_tokenizer):
+    st = pytest.importorskip("sentence_transformers", reason="pip install petune[serve]")
+    import numpy as np
+
+    from petune.data.packaged import minilm_encoder_decoder
+
+    tuned = petune.attach(minilm_encoder_decoder(), "lora", r=4, sides="query")
+    for p in tuned.tuned_parameters().values():  # LoRA starts as the identity: make it change something
+        torch.nn.init.normal_(p, std=0.05)
+    texts = ["A short query.", "A much longer passage about markets and what happened there today."]
+    for side in ("query", "passage"):
+        path = petune.export(tuned, tmp_path / side, tokenizer=minilm_tokenizer, format="sentence-transformers",
+                             normalize=True, side=side)
+        served = st.SentenceTransformer(str(path), device="cpu")
+        want = petune.encode(tuned, minilm_tokenizer, texts, max_length=served.max_seq_length, normalize=True,
+                             side=side)
+        np.testing.assert_allclose(served.encode(texts, convert_to_numpy=True), want, atol=1e-5)
+    with pytest.raises(ValueError, match="export each side to its own folder"):
+        petune.export(tuned, tmp_path / "x", tokenizer=minilm_tokenizer, format="sentence-transformers")
+    assert not (tmp_path / "x").exists()

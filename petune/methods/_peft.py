@@ -57,6 +57,13 @@ class PeftMethod(Method):
             return clone.merge_and_unload(adapter_names=[module])
 
 
+    def unloaded(self, model):
+        """peft's ``unload`` on a copy: the base layers, every adapter removed, nothing merged."""
+        import copy
+
+        return copy.deepcopy(model).unload()
+
+
 def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")

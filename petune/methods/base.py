@@ -83,6 +83,16 @@ class Method:
         raise ValueError(f"method {self.name!r} cannot be exported to a plain transformers model; save it with "
                          "petune.save(tuned, path) and load it with petune.load(model, path)")
 
+    def unloaded(self, model: nn.Module) -> nn.Module:
+        """A plain Hugging Face model computing the base model's output, the method removed, for
+        :func:`petune.export` of a query-side model's passage side; ``model`` stays usable.
+
+        Raises:
+            ValueError: the method cannot be removed from a copy (the message says what to use).
+        """
+        raise ValueError(f"method {self.name!r} cannot be removed from a copy of the model; export the frozen base "
+                         "model itself (the one given to petune.attach, before attaching) for the passage side")
+
     def base_model(self, model: nn.Module) -> nn.Module:
         """The Hugging Face model underneath whatever ``attach`` returned."""
         return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -34,3 +34,6 @@ class NoMethod(Method):
 
     def merged(self, model, module):
         return model  # nothing attached: the base model is what export writes
+
+    def unloaded(self, model):
+        return model

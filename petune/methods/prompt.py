@@ -73,6 +73,12 @@ class PromptTuning(PeftMethod):
                          "load it; save with petune.save(tuned, path) and load with petune.load(model, path), or use "
                          "LoRA / (IA)^3, which export merged")
 
+    def unloaded(self, model):
+        """A soft prompt leaves the base's layers alone: a copy of the base is the model without it."""
+        import copy
+
+        return copy.deepcopy(model.get_base_model())
+
     @contextlib.contextmanager
     def route(self, model, row_modules):
         """Each row gets its own module's virtual tokens (the decoder has no prompt)."""
