@@ -119,10 +119,14 @@ def ids_of(corpus, runs: dict) -> dict:
             for k, run in runs.items()}
 
 
-def training_examples(data, extra, bm25, args, state) -> tuple[list[dict], int]:
+def training_examples(data, extra, bm25, args, state) -> tuple[list[dict], int, int]:
     """One example per (query, relevant document) of qrels/train.tsv and per (query, positive) of
-    the training file, each with ``--hard-negatives`` BM25 negatives and the list of all its
-    query's relevant texts; examples short of negatives are dropped (counted)."""
+    the training file, each with ``--hard-negatives`` negatives (a file's own first, then BM25's,
+    never one of the query's relevant texts) and the list of all its query's relevant texts. A
+    query BM25 finds too few negatives for (one sharing no word with the rest of the corpus) gets
+    random documents of the corpus for the rest (DPR's random negatives; drawn from ``--seed`` and
+    the query, the same on every process). Returns ``(examples, queries given random negatives,
+    examples dropped)``: only a corpus too small to give a query its negatives drops examples."""
     train = data.qrels.get("train", {})
     relevant = {q: [d for d, s in docs.items() if s > 0] for q, docs in train.items()}
     row = rows_of(data.corpus, {d for docs in relevant.values() for d in docs})
@@ -130,31 +134,57 @@ def training_examples(data, extra, bm25, args, state) -> tuple[list[dict], int]:
     queries.update({f"file-{i}": e["query"] for i, e in enumerate(extra)})
     with main_process_first():  # the main process builds the index; the others read its cached runs
         run = bm25.search(queries, k=min(args.bm25_depth, len(data.corpus))).to_dict() if queries else {}
-    ranked = {q: sorted(docs, key=lambda d: -docs[d]) for q, docs in run.items()}
-    texts = texts_of(data.corpus, [*row.values(), *(d for docs in ranked.values() for d in docs)])
-    examples, dropped = [], 0
+    k = args.hard_negatives
+    wanted = {}  # query key → (positives: rows or texts, candidate negatives: texts then rows, rows to avoid)
     for q, docs in relevant.items():
-        positives = [texts[row[d]] for d in docs]
-        mine = {str(row[d]) for d in docs}
-        negatives = [texts[int(d)] for d in ranked.get(q, []) if d not in mine][:args.hard_negatives]
-        for positive in positives:
-            if len(negatives) < args.hard_negatives:
-                dropped += 1
-                continue
-            examples.append({"query": queries[q], "positive": positive, "negatives": negatives,
-                             "relevant": positives})
+        wanted[q] = ([row[d] for d in docs], [], {row[d] for d in docs})
+    from_file = {f"file-{i}" for i in range(len(extra))}  # their positives are texts: compared as texts
     for i, e in enumerate(extra):
-        given = set(e["positives"])
-        negatives = e["negatives"][:args.hard_negatives]
-        negatives += [texts[int(d)] for d in ranked.get(f"file-{i}", []) if texts[int(d)] not in given
-                      and texts[int(d)] not in negatives][:args.hard_negatives - len(negatives)]
-        for positive in e["positives"]:
-            if len(negatives) < args.hard_negatives:
-                dropped += 1
-                continue
-            examples.append({"query": e["query"], "positive": positive, "negatives": negatives,
-                             "relevant": e["positives"]})
-    return examples, dropped
+        wanted[f"file-{i}"] = (list(e["positives"]), list(e["negatives"]), set())
+    for key, (positives, candidates, avoid) in wanted.items():
+        ranked = sorted(run.get(key, {}).items(), key=lambda item: -item[1])
+        candidates += [int(d) for d, _ in ranked if int(d) not in avoid][:k + len(positives)]  # room to filter
+    texts = texts_of(data.corpus, sorted({r for p, c, _ in wanted.values() for r in [*p, *c] if isinstance(r, int)}))
+    resolve = lambda items: [texts[x] if isinstance(x, int) else x for x in items]  # noqa: E731
+    chosen, short = {}, {}
+    for key, (positives, candidates, avoid) in wanted.items():
+        positive_texts, negatives = resolve(positives), resolve(candidates)
+        if key in from_file:
+            negatives = list(dict.fromkeys(t for t in negatives if t not in positive_texts))
+        negatives = negatives[:k]
+        chosen[key] = (positive_texts, negatives)
+        if len(negatives) < k:
+            rows = random_documents(len(data.corpus), f"{args.seed}:{key}", k - len(negatives) + len(positives),
+                                    avoid | {c for c in candidates if isinstance(c, int)})
+            if rows is not None:
+                short[key] = rows
+    more = texts_of(data.corpus, sorted({r for rows in short.values() for r in rows})) if short else {}
+    examples, dropped = [], 0
+    for key, (positives, negatives) in chosen.items():
+        if key in short:
+            fill = [more[r] for r in short[key] if more[r] not in positives and more[r] not in negatives]
+            negatives = negatives + fill[:k - len(negatives)]
+        if len(negatives) < k:
+            dropped += len(positives)
+            continue
+        examples += [{"query": queries[key], "positive": positive, "negatives": negatives, "relevant": positives}
+                     for positive in positives]
+    return examples, len(short), dropped
+
+
+def random_documents(size: int, seed: str, k: int, exclude: set) -> list[int] | None:
+    """``k`` distinct random rows of a ``size``-row corpus outside ``exclude`` (``random.Random(seed)``,
+    the same on every process); ``None`` when the corpus has too few."""
+    import random
+
+    if size - len(exclude) < k:
+        return None
+    rng, rows = random.Random(seed), []
+    while len(rows) < k:
+        r = rng.randrange(size)
+        if r not in exclude and r not in rows:
+            rows.append(r)
+    return rows
 
 
 def dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state):
@@ -210,12 +240,12 @@ def main(job):
     resume_from = start_run(args, out_dir, [out_dir / "checkpoints"], state)
     cache = cache_dir(args)
     bm25 = BM25(data.corpus, column="passage", k1=args.bm25_k1, b=args.bm25_b, cache_dir=cache)
-    examples, dropped = training_examples(data, extra, bm25, args, state)
+    examples, filled, dropped = training_examples(data, extra, bm25, args, state)
     if not examples:
-        raise JobError("no training example has a relevant passage and a BM25 hard negative; add training queries "
-                       "(qrels/train.tsv or --train-file) or lower --hard-negatives")
-    log.info("%d training examples (%d dropped: fewer than %d hard negatives)", len(examples), dropped,
-             args.hard_negatives)
+        raise JobError("no training example: add training queries (qrels/train.tsv or --train-file), or lower "
+                       "--hard-negatives below the corpus size")
+    log.info("%d training examples (%d queries given random negatives where BM25 found fewer than %d; %d examples "
+             "dropped)", len(examples), filled, args.hard_negatives, dropped)
     import torch
 
     torch.manual_seed(args.seed)
@@ -256,7 +286,7 @@ def main(job):
             "lr": args.lr, "epochs": args.epochs, "processes": state.num_processes,
             "trainable": tuned.trainable_report().as_dict(),
             "corpus": len(data.corpus), "queries": {s: len(q) for s, q in data.qrels.items()},
-            "training_examples": len(examples), "dropped_no_hard_negative": dropped,
+            "training_examples": len(examples), "random_negatives": filled, "dropped_no_hard_negative": dropped,
             "dev": history["eval"], "steps": len(history["loss"]),
             "scores": {run: dict(v) for run, v in report.results.items()}, "p_values": p_values(report),
             "index_factory": args.index_factory, "passage_store": len(data.corpus) >= args.store_from,

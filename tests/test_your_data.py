@@ -175,6 +175,31 @@ def test_retrieval_job_on_a_beir_directory(tmp_path):
     assert not bad_out.exists()
 
 
+def test_training_examples_with_too_few_bm25_negatives_get_random_ones(tmp_path):
+    """A query sharing no word with the corpus keeps its example: random documents (from --seed,
+    never its relevant one) stand in for the BM25 negatives it lacks."""
+    from types import SimpleNamespace
+
+    from petune.score import BM25
+
+    retrieval = script("recipes/retrieval.py")
+    root = bbc_beir(tmp_path / "bbc", n=30)
+    lines = (root / "queries.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "text": "zyxxq vwwq"})  # no word of the corpus: BM25 finds nothing
+    _edit(root, "queries.jsonl", lines)
+    data = load_beir(root, cache_dir=tmp_path / "cache")
+    assert first["_id"] in data.qrels["train"]
+    args = SimpleNamespace(hard_negatives=2, bm25_depth=100, seed=0)
+    bm25 = BM25(data.corpus, column="passage", k1=0.5, b=0.3)
+    examples, filled, dropped = retrieval.training_examples(data, [], bm25, args, None)
+    assert filled >= 1 and dropped == 0 and len(examples) == len(data.qrels["train"])  # short headlines: several
+    lonely = next(e for e in examples if e["query"] == "zyxxq vwwq")
+    assert len(lonely["negatives"]) == 2 and lonely["positive"] not in lonely["negatives"]
+    again = retrieval.training_examples(data, [], bm25, args, None)[0]
+    assert next(e for e in again if e["query"] == "zyxxq vwwq")["negatives"] == lonely["negatives"]  # seeded
+
+
 @pytest.mark.multiproc
 def test_retrieval_job_two_processes(tmp_path):
     root = bbc_beir(tmp_path / "bbc", n=40)
