@@ -40,6 +40,8 @@ def test_passages_are_the_frozen_models_with_its_cache_key(arch, method, tmp_pat
     with caplog.at_level(logging.INFO, logger="petune"):
         passages = petune.encode(tuned, TOK, TEXTS, side="passage", cache_dir=tmp_path)
     assert "reusing cached embeddings" in caplog.text  # the frozen model's entry, found by key
+    petune.encode(tuned, TOK, TEXTS[:1], side="passage")
+    assert "none are activated" not in caplog.text  # switching the adapters library off is meant: no warning
     assert len(list(tmp_path.glob("embeddings-*.npy"))) == 1
     assert (passages == frozen_vecs).all()
     torch.testing.assert_close(torch.from_numpy(petune.encode(tuned, TOK, TEXTS, side="passage")),

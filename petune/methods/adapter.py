@@ -16,6 +16,11 @@ from .bottleneck import CONTAINER, BottleneckHooks
 PLACEMENTS = {"pfeiffer": "SeqBnConfig", "houlsby": "DoubleSeqBnConfig"}
 
 
+def _NO_ACTIVE_ADAPTER(record) -> bool:
+    """A logging filter: drop the adapters library's warning that no adapter is active."""
+    return "none are activated" not in record.getMessage()
+
+
 @register_method("adapter")
 class BottleneckAdapter(Method):
     """Down-project → non-linearity → up-project, added with a residual in every layer.
@@ -150,12 +155,15 @@ class BottleneckAdapter(Method):
             finally:
                 self.hooks.active = previous
             return
+        quiet = logging.getLogger("adapters.model_mixin")
+        quiet.addFilter(_NO_ACTIVE_ADAPTER)  # "none are activated": meant, here (switching warns too)
         previous = model.active_adapters
         model.set_active_adapters(None)
         try:
             yield
         finally:
             model.set_active_adapters(previous)
+            quiet.removeFilter(_NO_ACTIVE_ADAPTER)
 
     def merged(self, model, module):
         raise ValueError("bottleneck adapters are non-linear layers that no transformers architecture has, so they "
