@@ -439,6 +439,7 @@ def torchrun(recipe, *args, timeout=900):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # 53 s; the retrieval, ViQuAE and vision jobs run under 2 processes in the default run
 @pytest.mark.multiproc
 def test_offline_recipe_two_processes(quick_run, tmp_path):
     """Both ranks exit 0 and the report is written (training leaves the process group usable);
