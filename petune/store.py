@@ -421,9 +421,7 @@ def encode_to_store(model, tokenizer, texts, path: str | os.PathLike, *, column:
 
     from .data.stream import _dataset_column, column_rows
     from .dist import agree_on_errors, process_state
-    from .embed import _check_quantize, encode, int8_copy
-
-    from .embed import check_side, side_model
+    from .embed import _check_quantize, check_side, encode, int8_copy, side_model
     from .tuned import TunedModel
 
     check_side(model, options.get("side"))

@@ -132,11 +132,8 @@ def main(job):
     check_vl_args(args)
     images = None
     if args.region_features:  # {question id: {"features": [regions, feat_dim], "boxes": [regions, 4]}}
-        images = {}
-        for s in ("train", "test"):
-            names = dict(zip(viquae.question_ids(dataset[s]), viquae.image_names(dataset[s])))
-            found = region_features(args, names.values())
-            images.update({q: found[name] for q, name in names.items()})
+        images = region_features(args, {q: name for s in ("train", "test") for q, name in
+                                         zip(viquae.question_ids(dataset[s]), viquae.image_names(dataset[s]))})
     elif args.images_dir:
         paths = {s: viquae.image_paths(dataset[s], args.images_dir) for s in ("train", "test")}
         images = {}

@@ -118,7 +118,7 @@ def build_data(args, cache) -> dict:
         rng = np.random.default_rng(args.split_seed)
         items = [items[i] for i in sorted(rng.choice(len(items), args.max_items, replace=False))]
     ids = [it["id"] for it in items]
-    regions = region_features(args, ids)
+    regions = region_features(args, {i: i for i in ids})
     if regions is not None:  # {"features": [regions, feat_dim], "boxes": [regions, 4]} per item
         features = [regions[i] for i in ids]
     else:

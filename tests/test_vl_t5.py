@@ -317,6 +317,8 @@ def test_generate_with_vqa_prefix_and_fresh_vl_mode():
     pegasus = T.PegasusForConditionalGeneration(T.PegasusConfig(**{**BART_CONFIG, "scale_embedding": False}))
     with pytest.raises(ValueError, match="defined for t5, mt5, umt5, bart, mbart"):
         add_visual(petune.attach(pegasus, "none"), FEAT, mode="vl-t5")
+    with pytest.raises(ValueError, match="leave mode out"):
+        add_visual(petune.attach(load("t5")[0], "none"), pretrained=visual, mode="petune")
     with pytest.raises(ValueError, match="feat_dim=7, but the pretrained visual embedding has 12"):
         add_visual(petune.attach(load("t5")[0], "none"), 7, pretrained=visual)
 

@@ -80,12 +80,14 @@ def load_base(args):
     return model, AutoTokenizer.from_pretrained(base), visual
 
 
-def region_features(args, ids) -> dict | None:
-    """``{id: region entry}`` for ``ids`` from ``--region-features`` (``None`` without it); an id is
-    looked up as given, then without a file extension (ViQuAE's ``image`` column names files).
+def region_features(args, names: dict) -> dict | None:
+    """``{key: region entry}`` from ``--region-features`` for ``names`` (``{key: image id}``;
+    ``None`` without the option); an image id is looked up as given, then without a file extension
+    (ViQuAE's ``image`` column names files). Each image is read once.
 
     Raises:
-        JobError: the file is missing, or holds no features for some ids (counts and names the first).
+        JobError: the file is missing, holds no features for some images (counts and names the
+            first), or holds features of a bad shape (the reader's message).
     """
     if not args.region_features:
         return None
@@ -93,19 +95,29 @@ def region_features(args, ids) -> dict | None:
 
     try:
         regions = RegionFeatures(args.region_features, max_regions=args.max_regions)
-    except FileNotFoundError as e:
+        found, missing = {}, []
+        for image_id in dict.fromkeys(names.values()):
+            entry = _lookup(regions, image_id)
+            if entry is None:
+                missing.append(image_id)
+            else:
+                found[image_id] = entry
+    except (FileNotFoundError, ValueError) as e:
         raise JobError(str(e)) from e
-    out, missing = {}, []
-    for image_id in dict.fromkeys(ids):
-        key = image_id if image_id in regions else str(image_id).rsplit(".", 1)[0]
-        if key in regions:
-            out[image_id] = regions[key]
-        else:
-            missing.append(image_id)
     if missing:
-        raise JobError(f"{len(missing)} of {len(out) + len(missing)} images have no features in "
+        raise JobError(f"{len(missing)} of {len(found) + len(missing)} images have no features in "
                        f"{args.region_features} (first: {missing[0]!r})")
-    return out
+    return {key: found[image_id] for key, image_id in names.items()}
+
+
+def _lookup(regions, image_id):
+    """``regions[image_id]``, else ``regions[image_id without its extension]``, else ``None``."""
+    for key in dict.fromkeys((str(image_id), str(image_id).rsplit(".", 1)[0])):
+        try:
+            return regions[key]
+        except KeyError:
+            continue
+    return None
 
 
 def add_visual_from_args(tuned, args, pretrained, feat_dim: int | None, **options):

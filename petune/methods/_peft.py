@@ -56,7 +56,6 @@ class PeftMethod(Method):
             warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied")
             return clone.merge_and_unload(adapter_names=[module])
 
-
     def unloaded(self, model):
         """peft's ``unload`` on a copy: the base layers, every adapter removed, nothing merged."""
         import copy

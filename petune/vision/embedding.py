@@ -165,7 +165,8 @@ def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None,
         TypeError: ``tuned`` is not a :class:`petune.TunedModel`.
         ValueError: no ``feat_dim``; one already added; ``per_task`` on a model without tasks; an
             architecture whose encoder cannot take input embeddings (FSMT); the ``"vl-t5"`` mode on
-            an architecture other than T5 / BART, or ``pretrained`` whose size differs from the model.
+            an architecture other than T5 / BART, or ``pretrained`` whose size differs from the model
+            or with ``mode="petune"``.
     """
     from .features import feature_extractor
 
@@ -189,6 +190,8 @@ def add_visual(tuned: TunedModel, feat_dim: int | None = None, *, backbone=None,
     mode = mode or ("vl-t5" if pretrained is not None else "petune")
     if mode not in ("petune", "vl-t5"):
         raise ValueError(f"mode must be 'petune' or 'vl-t5', got {mode!r}")
+    if pretrained is not None and mode != "vl-t5":
+        raise ValueError("a pretrained VL-T5 / VL-BART visual embedding computes VL-T5's forward: leave mode out")
     vl = None
     if mode == "vl-t5":
         feat_dim, n_images, vl = _vl_options(tuned, feat_dim, n_images, pretrained)
