@@ -250,14 +250,16 @@ def beir_from_hub(name_or_path: str, dest: str | os.PathLike, qrels_name: str | 
 TRAIN_LINE = '{"query": "What is asked?", "positive": "A relevant passage.", "negatives": ["An irrelevant one."]}'
 
 
-def _passages(value, path, number, name) -> list[str]:
+def _passages(value, path, number, name, scores: dict | None = None) -> list[str]:
     """A field of training passages: a string, a list of strings, or Tevatron's list of
-    ``{"title", "text"}`` objects."""
+    ``{"title", "text"}`` objects; a Tevatron object's ``"score"`` goes in ``scores`` by text."""
     items = value if isinstance(value, list) else [value]
     out = []
     for item in items:
         if isinstance(item, dict) and isinstance(item.get("text"), str):
             out.append(f"{item.get('title') or ''} {item['text']}".strip())
+            if scores is not None and "score" in item:
+                scores[out[-1]] = _score(item["score"], path, number, name)
         elif isinstance(item, str):
             out.append(item)
         else:
@@ -266,13 +268,22 @@ def _passages(value, path, number, name) -> list[str]:
     return out
 
 
+def _score(value, path, number, name) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise DataError(path, number, f"{name!r} holds {value!r}, not a number", "teacher scores are numbers")
+    return float(value)
+
+
 def read_training_file(path: str | os.PathLike) -> list[dict]:
     """Training examples from a JSON-lines file: ``{"query", "positive"(s), "negative"(s)}``
     (sentence-transformers' names ``anchor`` / ``positive`` / ``negative`` too) or Tevatron's
     ``{"query", "positive_passages", "negative_passages"}`` (lists of ``{"title", "text"}``).
+    Teacher scores for distillation: FlagEmbedding's ``pos_scores`` / ``neg_scores`` (one per
+    passage) or a ``"score"`` in each Tevatron passage object.
 
     Returns:
-        ``[{"query", "positives": [...], "negatives": [...]}]``, one per line.
+        ``[{"query", "positives": [...], "negatives": [...]}]``, one per line, with ``"scores"``
+        ``{passage text: teacher score}`` on lines that give scores.
 
     Raises:
         DataError: malformed lines, no query, no positive passage, an empty file.
@@ -288,11 +299,20 @@ def read_training_file(path: str | os.PathLike) -> list[dict]:
         if pos_key is None:
             raise DataError(path, number, "no 'positive' passage", f"each line needs one, e.g. {TRAIN_LINE}")
         neg_key = next((k for k in ("negative_passages", "negatives", "negative") if k in row), None)
-        positives = _passages(row[pos_key], path, number, pos_key)
+        scores: dict[str, float] = {}
+        positives = _passages(row[pos_key], path, number, pos_key, scores)
         if not positives:
             raise DataError(path, number, f"{pos_key!r} is empty", f"give at least one positive, e.g. {TRAIN_LINE}")
-        examples.append({"query": query, "positives": positives,
-                         "negatives": _passages(row[neg_key], path, number, neg_key) if neg_key else []})
+        negatives = _passages(row[neg_key], path, number, neg_key, scores) if neg_key else []
+        for texts, key in ((positives, "pos_scores"), (negatives, "neg_scores")):  # FlagEmbedding's teacher scores
+            if key in row:
+                given = row[key] if isinstance(row[key], list) else [row[key]]
+                if len(given) != len(texts):
+                    raise DataError(path, number, f"{len(given)} {key!r} for {len(texts)} passages",
+                                    f"give one score per passage, in the passages' order")
+                scores.update({t: _score(v, path, number, key) for t, v in zip(texts, given)})
+        examples.append({"query": query, "positives": positives, "negatives": negatives,
+                         **({"scores": scores} if scores else {})})
     if not examples:
         raise DataError(path, 0, "no examples", f"one example per line, e.g. {TRAIN_LINE}")
     return examples

@@ -37,11 +37,15 @@ class RetrievalCollator:
     ``"relevant"`` list — every passage relevant to the query, e.g. all answers of a question
     with several, so that none of them counts as its in-batch negative.
 
+    Distillation: examples with ``"teacher_scores"`` (one per passage, positive first) give the
+    batch ``"teacher_scores"`` ``[N, M]`` (:class:`petune.train.DPRLoss` with ``distill``).
+
     Multimodal queries (question + image → passage): an example's ``"image"`` (features, see
     :func:`petune.vision.regions`, or ``None``) joins its query as visual tokens.
 
     Raises:
-        ValueError: examples in one batch with different numbers of negatives.
+        ValueError: examples in one batch with different numbers of negatives, or teacher scores
+            on some examples only or not one per passage.
     """
 
     def __init__(self, tokenizer, query_max_length: int = 64, passage_max_length: int = 256,
@@ -58,11 +62,19 @@ class RetrievalCollator:
         relevant = [sorted({text_key(self.passage_prefix + p) for p in [e["positive"], *e.get("relevant", [])]})
                     for e in examples]
         width = max(map(len, relevant))
-        return {"query": _tokenize(self.tokenizer, queries, self.qlen, examples, "image"),
-                "passages": _tokenize(self.tokenizer, passages, self.plen),
-                "query_keys": torch.tensor([text_key(q) for q in queries]),
-                "passage_keys": torch.tensor([text_key(p) for p in passages]),
-                "relevant_keys": torch.tensor([r + [NO_KEY] * (width - len(r)) for r in relevant])}
+        batch = {"query": _tokenize(self.tokenizer, queries, self.qlen, examples, "image"),
+                 "passages": _tokenize(self.tokenizer, passages, self.plen),
+                 "query_keys": torch.tensor([text_key(q) for q in queries]),
+                 "passage_keys": torch.tensor([text_key(p) for p in passages]),
+                 "relevant_keys": torch.tensor([r + [NO_KEY] * (width - len(r)) for r in relevant])}
+        scored = sum("teacher_scores" in e for e in examples)
+        if scored:
+            m = 1 + counts.pop()
+            if scored < len(examples) or any(len(e["teacher_scores"]) != m for e in examples):
+                raise ValueError(f"teacher scores: every example of a batch needs one per passage ({m}: positive, "
+                                 "then negatives), or none has any")
+            batch["teacher_scores"] = torch.tensor([e["teacher_scores"] for e in examples], dtype=torch.float32)
+        return batch
 
 
 class PairCollator:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..embed import pool_inputs
+from .distill import DISTILL_LOSSES, listwise_kl, margin_mse, own_scores
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -188,14 +189,37 @@ class DPRLoss(ContrastiveLoss):
     ``mini_batch_size``: embed that many queries (and passages) at a time with a cached loss
     (:class:`ContrastiveLoss`); ``None`` embeds the whole batch at once. On a query-side model
     (``attach(..., sides="query")``) passages are embedded by the frozen base, without gradients.
+
+    Distillation (:mod:`petune.train.distill`): with ``distill="margin-mse"`` or ``"kl"`` the batch
+    must carry ``"teacher_scores"`` ``[N, M]`` (the collator passes the examples'), and the loss is
+    ``contrastive_weight · DPR + distill_weight · distillation`` over each query's own ``M``
+    passages, scored as the contrastive part scores them (cosine when ``scale`` is given, else
+    inner product), without the scale; ``kl`` divides by ``student_temperature`` (default
+    ``1 / scale``, or 1) and the teacher's by ``teacher_temperature`` (default the same).
+    ``contrastive_weight=0`` trains on the teacher alone. Works with the cached loss.
+
+    Raises:
+        ValueError: an unknown ``distill``, negative weights, both weights 0; at a call, a
+            distilling loss given a batch without teacher scores.
     """
 
     sides = {"query": "query", "passages": "passage"}
 
     def __init__(self, pooling: str = "mean", gather: bool = True, mask_false_negatives: bool = True,
-                 scale: float | None = None, mini_batch_size: int | None = None):
+                 scale: float | None = None, mini_batch_size: int | None = None, distill: str | None = None,
+                 distill_weight: float = 1.0, contrastive_weight: float = 1.0,
+                 student_temperature: float | None = None, teacher_temperature: float | None = None):
         super().__init__(pooling, mini_batch_size)
         self.gather, self.mask_false_negatives, self.scale = gather, mask_false_negatives, scale
+        if distill is not None and distill not in DISTILL_LOSSES:
+            raise ValueError(f"distill must be one of {DISTILL_LOSSES} or None, got {distill!r}")
+        if distill_weight < 0 or contrastive_weight < 0 or (contrastive_weight == 0 and (
+                distill is None or distill_weight == 0)):
+            raise ValueError(f"weights must be non-negative and not both 0, got contrastive {contrastive_weight}, "
+                             f"distill {distill_weight if distill else None}")
+        self.distill, self.distill_weight, self.contrastive_weight = distill, distill_weight, contrastive_weight
+        self.student_temperature = student_temperature or (1.0 / scale if scale else 1.0)
+        self.teacher_temperature = teacher_temperature or self.student_temperature
 
     def groups(self, batch):
         return {"query": batch["query"], "passages": batch["passages"]}
@@ -206,7 +230,20 @@ class DPRLoss(ContrastiveLoss):
             everyone = gather_keys if self.gather else (lambda keys: keys)
             mask = false_negatives(batch["query_keys"], everyone(batch["query_keys"]),
                                    everyone(batch["passage_keys"]), batch["relevant_keys"])
-        return dpr_loss(embeddings["query"], embeddings["passages"], self.gather, mask, self.scale)
+        loss = 0.0
+        if self.contrastive_weight:
+            loss = self.contrastive_weight * dpr_loss(embeddings["query"], embeddings["passages"], self.gather, mask,
+                                                      self.scale)
+        if self.distill and self.distill_weight:
+            if "teacher_scores" not in batch:
+                raise ValueError("this loss distils from a teacher, but the batch has no 'teacher_scores': give every "
+                                 "example 'teacher_scores' (petune.train.teacher.add_teacher_scores)")
+            student = own_scores(embeddings["query"], embeddings["passages"], self.scale is not None)
+            teacher = batch["teacher_scores"].to(student.device)
+            loss = loss + self.distill_weight * (margin_mse(student, teacher) if self.distill == "margin-mse" else
+                                                 listwise_kl(student, teacher, self.student_temperature,
+                                                             self.teacher_temperature))
+        return loss
 
 
 class PairLoss(ContrastiveLoss):
