@@ -309,7 +309,7 @@ def read_training_file(path: str | os.PathLike) -> list[dict]:
                 given = row[key] if isinstance(row[key], list) else [row[key]]
                 if len(given) != len(texts):
                     raise DataError(path, number, f"{len(given)} {key!r} for {len(texts)} passages",
-                                    f"give one score per passage, in the passages' order")
+                                    "give one score per passage, in the passages' order")
                 scores.update({t: _score(v, path, number, key) for t, v in zip(texts, given)})
         examples.append({"query": query, "positives": positives, "negatives": negatives,
                          **({"scores": scores} if scores else {})})
