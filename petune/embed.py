@@ -335,6 +335,11 @@ def check_side(model, side) -> None:
                          "with side='passage' (the frozen base)")
 
 
+def encode_side(model, side: str) -> str | None:
+    """:func:`encode`'s ``side`` for ``model``: ``side`` for a query-side model, else ``None``."""
+    return side if getattr(model, "sides", None) == "query" else None
+
+
 @contextlib.contextmanager
 def side_model(model, side: str | None):
     """Context manager giving the model that encodes ``side``: a query-side model's frozen base

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from petune.dist import DEFAULT_COLLECTIVE_TIMEOUT
+from petune.embed import encode_side  # noqa: F401 - the recipes import it from here
 
 log = logging.getLogger("petune.jobs")
 #: written in --output-dir; --resume continues only a run started with the same options
@@ -38,11 +39,6 @@ def add_sides_arg(parser: argparse.ArgumentParser) -> None:
 def sides_option(args) -> str | None:
     """``petune.attach``'s ``sides`` from ``--sides``."""
     return None if getattr(args, "sides", "both") == "both" else args.sides
-
-
-def encode_side(model, side: str) -> str | None:
-    """``petune.encode``'s ``side`` for ``model``: ``side`` for a query-side model, else ``None``."""
-    return side if getattr(model, "sides", None) == "query" else None
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:

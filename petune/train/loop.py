@@ -68,6 +68,9 @@ class Trainer:
             and the losses' parameters — aligning the image tokens before the method trains, as
             LLaVA's stage 1); the others keep their values (their gradients are dropped, so AdamW
             neither moves nor decays them). ``0`` (default): one stage.
+        on_epoch_start: callables ``fn(trainer, epoch)`` run by every process before each epoch's
+            first batch, and before the resumed epoch on resume (e.g.
+            :class:`petune.train.mining.NegativeMiner`, which changes the training examples).
 
     Raises:
         ValueError: no tasks, duplicate task names, a task the model has no module for, bad
@@ -85,7 +88,7 @@ class Trainer:
                  eval_every: int | None = None, log_with: str | None = "auto", max_steps: int | None = None,
                  mixed_precision: str = "no", progress: bool = True, num_workers: int = 0,
                  param_groups: dict[str, dict] | None = None, first_stage_steps: int = 0,
-                 first_stage_train: tuple[str, ...] = ("visual", "loss")):
+                 first_stage_train: tuple[str, ...] = ("visual", "loss"), on_epoch_start=()):
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
         from torch.utils.data import DataLoader
@@ -111,6 +114,7 @@ class Trainer:
         self.max_grad_norm, self.accumulation = max_grad_norm, gradient_accumulation_steps
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self.eval_fn, self.eval_every, self.progress = eval_fn, eval_every, progress
+        self.on_epoch_start = list(on_epoch_start)
         self.output_dir = Path(output_dir) if output_dir else None
         if log_with == "auto":
             log_with = "tensorboard" if importlib.util.find_spec("tensorboard") and self.output_dir else None
@@ -301,6 +305,9 @@ class Trainer:
         micro, done = 0, False
         window_start = time.perf_counter()  # a step's window runs from the end of the previous one
         for epoch in range(self.state["epoch"], self.epochs):
+            for hook in self.on_epoch_start:
+                hook(self, epoch)
+                self.model.train()
             self.loader.set_epoch(epoch)
             n_batches = len(self.loader)
             for index, task, batch in self.loader.iterate(start=self.state["batch_in_epoch"]):
