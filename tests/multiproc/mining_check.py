@@ -20,8 +20,8 @@ from petune.train.mining import MinedNegatives, NegativeMiner, memory_index
 from test_embed import CharTokenizer
 
 PASSAGES = [f"passage {i}: " + "lorem ipsum dolor "[: (7 * i) % 18] + "x" * (i % 11) for i in range(40)]
-EXAMPLES = [{"query": f"query {i} " + "x" * (i % 11), "positive": PASSAGES[i], "negatives": [PASSAGES[(i + 20) % 40]] * 2}
-            for i in range(12)]
+EXAMPLES = [{"query": f"query {i} " + "x" * (i % 11), "positive": PASSAGES[i],
+             "negatives": [PASSAGES[(i + 20) % 40]] * 2} for i in range(12)]
 
 
 def miner(out: Path):
