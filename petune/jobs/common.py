@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import json
@@ -80,6 +81,69 @@ def add_run_args(parser: argparse.ArgumentParser, checkpoint_every: int) -> None
                    "in seconds)")
 
 
+def add_mining_args(parser: argparse.ArgumentParser) -> None:
+    """``--mine-negatives`` and its window, margin and schedule (:mod:`petune.train.mining`)."""
+    g = parser.add_argument_group("hard negatives mined while training (petune.train.mining)")
+    g.add_argument("--mine-negatives", type=int, default=0, metavar="N", help="of each example's --hard-negatives, "
+                   "N are mined from the collection with the model being trained before every --mine-every-th "
+                   "epoch (the rest stay BM25's); 0: BM25's only. With --sides query the frozen passages are "
+                   "searched (no re-encoding); with --sides both every round re-encodes the collection")
+    g.add_argument("--mine-ranks", type=int, nargs=2, default=[0, 30], metavar=("FIRST", "LAST"),
+                   help="the window of ranks (0-based, LAST excluded; the query's relevant documents left out) the "
+                   "mined negatives are drawn from at random")
+    g.add_argument("--mine-margin", type=float, default=0.05, help="relative margin against false negatives: a "
+                   "candidate scoring above (1 - margin) x the positive's score is not a negative (NV-Retriever's "
+                   "TopK-PercPos); a negative value keeps every candidate")
+    g.add_argument("--mine-every", type=int, default=1, help="epochs between mining rounds")
+
+
+def add_distill_args(parser: argparse.ArgumentParser) -> None:
+    """``--distill`` from ``--teacher`` (:mod:`petune.train.distill`, :mod:`petune.train.teacher`)."""
+    g = parser.add_argument_group("distillation from a teacher (petune.train.distill)")
+    g.add_argument("--distill", choices=["margin-mse", "kl"], help="add a distillation loss over each example's "
+                   "passages: Margin-MSE or listwise KL against --teacher's scores (or the training file's)")
+    g.add_argument("--teacher", help="a sentence-transformers model (name or path, e.g. all-mpnet-base-v2) that "
+                   "scores the training pairs once, before training (cached in --cache-dir)")
+    g.add_argument("--teacher-kind", default="bi-encoder", choices=["bi-encoder", "cross-encoder"])
+    g.add_argument("--teacher-length", type=int, default=256, help="the teacher's max tokens per text")
+    g.add_argument("--distill-weight", type=float, default=1.0)
+    g.add_argument("--contrastive-weight", type=float, default=1.0, help="weight of the contrastive loss beside "
+                   "the distillation one (0: the teacher alone)")
+    g.add_argument("--student-temperature", type=float, help="kl: the student's temperature (default 1 / --scale)")
+    g.add_argument("--teacher-temperature", type=float, help="kl: the teacher's temperature (default the "
+                   "student's; a cross-encoder's logits want about 1)")
+
+
+def check_distill_args(args) -> None:
+    """Refuse option mixes that would train something other than asked, before anything is written."""
+    if args.teacher and not args.distill:
+        raise JobError("--teacher is only used with --distill margin-mse|kl")
+    if args.distill and not args.teacher and not getattr(args, "train_file", None):
+        raise JobError("--distill needs teacher scores: give --teacher (a sentence-transformers model), or a "
+                       "--train-file whose lines carry pos_scores / neg_scores")
+    if getattr(args, "mine_negatives", 0) and args.distill and not args.teacher:
+        raise JobError("--mine-negatives with --distill needs --teacher: mined negatives have no file scores")
+
+
+def teacher_from_args(args):
+    """The :class:`petune.train.teacher.Teacher` of ``--teacher`` (loaded on first use), or ``None``."""
+    if not args.teacher:
+        return None
+    from petune.train.teacher import cross_encoder_teacher, sentence_transformer_teacher
+
+    if args.teacher_kind == "cross-encoder":
+        return cross_encoder_teacher(args.teacher, max_length=args.teacher_length)
+    return sentence_transformer_teacher(args.teacher, max_length=args.teacher_length)
+
+
+def distill_options(args) -> dict:
+    """:class:`petune.train.DPRLoss`'s distillation keywords from the command line."""
+    if not args.distill:
+        return {}
+    return dict(distill=args.distill, distill_weight=args.distill_weight, contrastive_weight=args.contrastive_weight,
+                student_temperature=args.student_temperature, teacher_temperature=args.teacher_temperature)
+
+
 #: from this many passages on, the store path (disk, chunks) replaces the in-memory one: up to 10⁵
 #: both take about the same time (benchmarks/kb_scale.py) and the in-memory one writes nothing
 STORE_FROM = 100_000
@@ -142,11 +206,9 @@ def dense_run(model, tokenizer, passages, queries: dict, args, cache, *, query_l
 
 
 def _passage_search(model, tokenizer, passages, q, qids, args, cache, column, passage_prefix, normalize, keep_store):
-    import petune
-    from petune.cache import collection_fingerprint
     from petune.data.stream import RowIds
     from petune.dist import process_state
-    from petune.embed import encode_sharded, encoder_key
+    from petune.embed import encode_sharded
     from petune.score import DenseIndex, ExactStoreIndex, build_index
 
     k = min(100, len(passages))
@@ -156,14 +218,8 @@ def _passage_search(model, tokenizer, passages, q, qids, args, cache, column, pa
         if vecs is None:
             return None
         return DenseIndex(vecs, RowIds(len(passages)), factory=args.index_factory).search(q, qids, k=k)
-    # named by the encoder and the collection: a second collection with the same model and cache gets its own
-    where = (Path(cache) / "stores"
-             / f"passages-{encoder_key(model, tokenizer, options)}-{collection_fingerprint(passages, column)}")
-    store = petune.encode_to_store(model, tokenizer, passages, where, column=column, dtype=args.store_dtype,
-                                   chunk_size=args.store_chunk_size, **options)
+    store, where = _passage_store(model, tokenizer, passages, args, cache, column, options)
     state = process_state()
-    log.info("passage store %s: %d chunk(s) encoded now by process %d, %d found encoded", where.name,
-             len(store.last_run["encoded"]), state.process_index, store.last_run["reused"])
     if args.index_factory == "Flat":
         run = ExactStoreIndex(store).search(q, qids, k=k, sharded=True)
     elif state.is_main_process:
@@ -180,6 +236,55 @@ def _passage_search(model, tokenizer, passages, q, qids, args, cache, column, pa
             log.info("removing the tuned model's store %s (--keep-tuned-store keeps it)", where)
             shutil.rmtree(where)
     return run
+
+
+def _passage_store(model, tokenizer, passages, args, cache, column, options):
+    """The collection's embedding store by ``model`` (encoded now where it is not yet), named by the
+    encoder and the collection: a second collection with the same model and cache gets its own."""
+    import petune
+    from petune.cache import collection_fingerprint
+    from petune.dist import process_state
+    from petune.embed import encoder_key
+
+    where = (Path(cache) / "stores"
+             / f"passages-{encoder_key(model, tokenizer, options)}-{collection_fingerprint(passages, column)}")
+    store = petune.encode_to_store(model, tokenizer, passages, where, column=column, dtype=args.store_dtype,
+                                   chunk_size=args.store_chunk_size, **options)
+    log.info("passage store %s: %d chunk(s) encoded now by process %d, %d found encoded", where.name,
+             len(store.last_run["encoded"]), process_state().process_index, store.last_run["reused"])
+    return store, where
+
+
+@contextlib.contextmanager
+def mining_index(model, tokenizer, passages, args, cache, *, column: str = "passage", passage_prefix: str = "",
+                 normalize: bool = False):
+    """The index :class:`petune.train.mining.NegativeMiner` searches, on the main process (``None``
+    on the others): the passages as :func:`dense_run` encodes them, by the model's passage side.
+    A query-side model's passages are the frozen model's: its cached embeddings or store serve
+    every round. A tuned passage side is encoded again each round (in memory, or to a store that is
+    removed after the round)."""
+    from petune.dist import process_state
+    from petune.embed import side_model
+    from petune.score import ExactStoreIndex
+    from petune.train.mining import memory_index
+
+    options = {"max_length": args.passage_length, "prefix": passage_prefix, "normalize": normalize}
+    state = process_state()
+    with side_model(model, encode_side(model, "passage")) as encoder:
+        frozen = encoder is not model or not getattr(model, "tuned_parameters", dict)()
+        if len(passages) < args.store_from:
+            with memory_index(encoder, tokenizer, passages[column], cache_dir=cache if frozen else None,
+                              **options) as index:
+                yield index
+            return
+        store, where = _passage_store(encoder, tokenizer, passages, args, cache, column, options)
+        try:
+            yield ExactStoreIndex(store) if state.is_main_process else None
+        finally:
+            if not frozen and where not in _KEPT_STORES:
+                state.wait_for_everyone()
+                if state.is_main_process:
+                    shutil.rmtree(where, ignore_errors=True)
 
 
 class JobError(ValueError):

@@ -49,13 +49,23 @@ def _unique(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
     return list(index), rows
 
 
+def _loaded(model, load):
+    """``model`` itself, or a function that loads it (once, on first use) from a name / path: only
+    the process that scores pays for the teacher."""
+    if not isinstance(model, (str, os.PathLike)):
+        return lambda: model
+    cache = []
+    return lambda: cache[0] if cache else cache.append(load(str(model))) or cache[0]
+
+
 def sentence_transformer_teacher(model, *, normalize: bool = True, batch_size: int = 32,
                                  max_length: int | None = None, query_prefix: str = "",
                                  passage_prefix: str = "") -> Teacher:
     """A bi-encoder teacher through sentence-transformers (the ``serve`` extra).
 
     Args:
-        model: a ``SentenceTransformer``, or a name / path it loads (``all-mpnet-base-v2``).
+        model: a ``SentenceTransformer``, or a name / path it loads (``all-mpnet-base-v2``) when
+            the teacher first scores.
         normalize: cosine similarity (else inner product).
         max_length: the model's ``max_seq_length`` (tokens) while scoring; ``None`` keeps its own.
         query_prefix, passage_prefix: prepended to the texts (e5-style ``"query: "``).
@@ -65,23 +75,23 @@ def sentence_transformer_teacher(model, *, normalize: bool = True, batch_size: i
     """
     from sentence_transformers import SentenceTransformer
 
-    path = model if isinstance(model, (str, os.PathLike)) else None
-    if path is not None:
-        model = SentenceTransformer(str(path), device="cpu" if not _cuda() else None)
-    if max_length is not None:
-        model.max_seq_length = max_length
-    name = f"st:{path or getattr(model, 'model_card_data', None) and model.model_card_data.base_model or type(model)}"
+    get = _loaded(model, lambda path: SentenceTransformer(path, device=None if _cuda() else "cpu"))
+    name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+
+    def encode(texts):
+        st = get()
+        if max_length is not None:
+            st.max_seq_length = max_length
+        unique, rows = _unique(texts)
+        return st.encode(unique, batch_size=batch_size, normalize_embeddings=normalize, convert_to_numpy=True,
+                         show_progress_bar=len(unique) > 1000)[rows]
 
     def score(queries, passages):
-        texts, rows = _unique([query_prefix + q for q in queries])
-        q = model.encode(texts, batch_size=batch_size, normalize_embeddings=normalize, convert_to_numpy=True,
-                         show_progress_bar=len(texts) > 1000)[rows]
-        texts, rows = _unique([passage_prefix + p for p in passages])
-        p = model.encode(texts, batch_size=batch_size, normalize_embeddings=normalize, convert_to_numpy=True,
-                         show_progress_bar=len(texts) > 1000)[rows]
+        q = encode([query_prefix + t for t in queries])
+        p = encode([passage_prefix + t for t in passages])
         return np.einsum("nd,nd->n", q, p).astype(np.float32)
 
-    return Teacher(f"{name}|norm={normalize}|len={model.max_seq_length}|{query_prefix!r}|{passage_prefix!r}", score)
+    return Teacher(f"st:{name}|norm={normalize}|len={max_length}|{query_prefix!r}|{passage_prefix!r}", score)
 
 
 def cross_encoder_teacher(model, *, batch_size: int = 32, max_length: int | None = None) -> Teacher:
@@ -89,22 +99,21 @@ def cross_encoder_teacher(model, *, batch_size: int = 32, max_length: int | None
     raw scores; pick ``teacher_temperature`` for their scale).
 
     Args:
-        model: a ``CrossEncoder``, or a name / path it loads.
+        model: a ``CrossEncoder``, or a name / path it loads when the teacher first scores.
 
     Raises:
         ImportError: sentence-transformers is not installed (``pip install 'petune[serve]'``).
     """
     from sentence_transformers import CrossEncoder
 
-    path = model if isinstance(model, (str, os.PathLike)) else None
-    if path is not None:
-        model = CrossEncoder(str(path), max_length=max_length)
+    get = _loaded(model, lambda path: CrossEncoder(path, max_length=max_length))
+    name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
 
     def score(queries, passages):
-        return np.asarray(model.predict(list(zip(queries, passages)), batch_size=batch_size,
+        return np.asarray(get().predict(list(zip(queries, passages)), batch_size=batch_size,
                                         show_progress_bar=len(queries) > 1000), dtype=np.float32).reshape(-1)
 
-    return Teacher(f"cross:{path or type(model).__name__}|len={max_length}", score)
+    return Teacher(f"cross:{name}|len={max_length}", score)
 
 
 def petune_teacher(model, tokenizer, *, name: str, normalize: bool = True, query_length: int = 64,
