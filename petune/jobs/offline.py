@@ -23,7 +23,8 @@ from ..data.packaged import bbc_news, bbc_retrieval, chatterbot_qa, split_ids
 from ..embed import POOLINGS, encode_sharded
 from ..score import BM25, DenseIndex, compare, knn_scores, p_values, report_markdown, save_runs
 from ..train import ClassificationCollator, ClassificationLoss, DPRLoss, RetrievalCollator, Task
-from .common import DEFAULT_LR, add_method_args, add_mini_batch_arg, add_run_args
+from .common import (DEFAULT_LR, add_distill_args, add_method_args, add_mini_batch_arg, add_mining_args, add_run_args,
+                     distill_options)
 
 log = logging.getLogger("petune.recipes.offline")
 METRICS = ["mrr@10", "precision@1", "recall@10", "ndcg@10"]
@@ -67,6 +68,18 @@ class OfflineOptions:
     resume: bool
     checkpoint_every: int
     cache_dir: str | None
+    mine_negatives: int = 0
+    mine_ranks: tuple[int, int] = (0, 30)
+    mine_margin: float = 0.05
+    mine_every: int = 1
+    distill: str | None = None
+    teacher: str | None = None
+    teacher_kind: str = "bi-encoder"
+    teacher_length: int = 256
+    distill_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    student_temperature: float | None = None
+    teacher_temperature: float | None = None
     collective_timeout: float | None = None
     verbose: bool = False
 
@@ -113,6 +126,8 @@ def parse_options(argv=None, description: str | None = None) -> OfflineOptions:
     parser.add_argument("--max-questions", type=int, help="use the first N ChatterBot questions")
     parser.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run on small subsets "
                         "(300 articles, 200 questions unless --max-articles / --max-questions say otherwise)")
+    add_mining_args(parser)
+    add_distill_args(parser)
     add_run_args(parser, checkpoint_every=50)
     args = parser.parse_args(argv)
     args.repeat = parse_per_task(parser, "--repeat", args.repeat, TASKS, default=1, minimum=1)
@@ -123,6 +138,11 @@ def parse_options(argv=None, description: str | None = None) -> OfflineOptions:
         args.max_articles, args.max_questions = args.max_articles or 300, args.max_questions or 200
         args.train_passage_length, args.eval_length = 64, 96
     args.lr = args.lr or DEFAULT_LR[args.method]
+    short = {t: k for t, k in args.hard_negatives.items() if 0 < k < args.mine_negatives}
+    if args.mine_negatives < 0 or short:
+        parser.error(f"--mine-negatives {args.mine_negatives} must be 0 … each retrieval task's --hard-negatives "
+                     f"(a task with 0 is not mined), got {args.hard_negatives}")
+    args.mine_ranks = tuple(args.mine_ranks)
     return OfflineOptions(**vars(args))
 
 
@@ -197,7 +217,58 @@ def build_data(opts: OfflineOptions, cache=None):
 def retrieval_loss(opts: OfflineOptions) -> DPRLoss:
     """The DPR loss of --similarity: inner product, or cosine times --scale."""
     return DPRLoss(opts.pooling, scale=opts.scale if opts.similarity == "cosine" else None,
-                   mask_false_negatives=opts.mask_false_negatives, mini_batch_size=opts.mini_batch_size)
+                   mask_false_negatives=opts.mask_false_negatives, mini_batch_size=opts.mini_batch_size,
+                   **distill_options(opts))
+
+
+def retrieval_passages(data, task: str) -> list[str]:
+    """The passages a retrieval task's hard negatives come from: the training articles (news; the
+    test articles stay unseen) or every answer (qa)."""
+    if task == "news":
+        return [data["news"].docs[a] for a in data["splits"]["news"][0]]
+    return list(data["chat"].docs.values())
+
+
+def add_teacher(opts: OfflineOptions, data, teacher, cache=None) -> None:
+    """With ``--distill``, every retrieval example gets its teacher scores (computed once, cached)."""
+    from ..train.teacher import add_teacher_scores
+
+    if opts.distill:
+        for task in ("news", "qa"):
+            data[f"{task}_train"] = add_teacher_scores(data[f"{task}_train"], teacher, cache_dir=cache)
+
+
+def add_miners(opts: OfflineOptions, tasks: list[Task], data, tokenizer, teacher, out_dir, cache=None,
+               multi: bool = True) -> list:
+    """With ``--mine-negatives``, each retrieval task with hard negatives trains on a
+    :class:`~petune.train.mining.MinedNegatives` set; returns their miners (the Trainer's
+    ``on_epoch_start``). Each round encodes the task's passages with its module (the offline job
+    tunes both sides) as the job scores them."""
+    from ..train.mining import MinedNegatives, NegativeMiner, memory_index
+
+    if not opts.mine_negatives:
+        return []
+    miners = []
+    normalize = opts.similarity == "cosine"
+    for task in tasks:
+        if task.name not in ("news", "qa") or opts.hard_negatives[task.name] == 0:
+            continue
+        passages = retrieval_passages(data, task.name)
+        row = {text: i for i, text in enumerate(passages)}
+        module = task.name if multi else None
+        task.dataset = MinedNegatives(task.dataset, opts.mine_negatives, lambda rows, p=passages: [p[r] for r in rows])
+
+        def index_for(model, passages=passages, module=module):
+            return memory_index(model, tokenizer, passages, max_length=opts.eval_length, normalize=normalize,
+                                pooling=opts.pooling, task=module)
+
+        miners.append(NegativeMiner(
+            task.dataset, tokenizer, index_for,
+            [{row[t] for t in e["relevant"] if t in row} for e in task.dataset.examples], ranks=opts.mine_ranks,
+            relative_margin=opts.mine_margin if opts.mine_margin >= 0 else None, every=opts.mine_every,
+            seed=opts.seed, directory=Path(out_dir) / "mined" / task.name, teacher=teacher, query_length=64,
+            passage_length=opts.eval_length, normalize=normalize, pooling=opts.pooling, task=module))
+    return miners
 
 
 def build_tasks(opts: OfflineOptions, data, tokenizer, d_model: int) -> list[Task]:
