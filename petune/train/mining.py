@@ -130,7 +130,7 @@ def memory_index(model, tokenizer, passages: Sequence[str], cache_dir=None, **en
     from ..embed import encode_sharded
     from ..score import DenseIndex
 
-    vectors = encode_sharded(model, tokenizer, list(passages), cache_dir=cache_dir, progress=False, **encode_options)
+    vectors = encode_sharded(model, tokenizer, list(passages), cache_dir=cache_dir, **encode_options)
     yield None if vectors is None else DenseIndex(vectors, list(range(len(vectors))))
 
 
@@ -249,7 +249,7 @@ class NegativeMiner:
         was_training = model.training
         model.eval()
         try:
-            common = dict(task=self.task, normalize=opts["normalize"], pooling=opts["pooling"], progress=False)
+            common = dict(task=self.task, normalize=opts["normalize"], pooling=opts["pooling"])
             q = encode_sharded(model, self.tokenizer, queries, max_length=opts["query_length"],
                                prefix=opts["query_prefix"], side=encode_side(model, "query"), **common)
             passage_side = encode_side(model, "passage")
