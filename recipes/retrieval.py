@@ -132,7 +132,8 @@ def training_examples(data, extra, bm25, args, state) -> tuple[list[dict], int, 
     random documents of the corpus for the rest (DPR's random negatives; drawn from ``--seed`` and
     the query, the same on every process). Returns ``(examples, queries given random negatives,
     examples dropped)``: only a corpus too small to give a query its negatives drops examples.
-    Examples of qrels carry their query's ``"relevant_rows"`` (never mined as negatives); those of
+    Examples of qrels carry their query's ``"relevant_rows"`` (never mined as negatives) and their
+    ``"positive_row"``; those of
     a training file with teacher scores carry its ``"scores"``."""
     train = data.qrels.get("train", {})
     relevant = {q: [d for d, s in docs.items() if s > 0] for q, docs in train.items()}
@@ -174,10 +175,13 @@ def training_examples(data, extra, bm25, args, state) -> tuple[list[dict], int, 
         if len(negatives) < k:
             dropped += len(positives)
             continue
-        extra_keys = ({"scores": extra[int(key[5:])]["scores"]} if key in from_file and "scores" in extra[int(key[5:])]
-                      else {"relevant_rows": sorted(wanted[key][2])})
+        if key in from_file:
+            own = extra[int(key[5:])]
+            keys = [{"scores": own["scores"]} if "scores" in own else {} for _ in positives]
+        else:  # rows of the corpus: mined negatives leave them out, and read the positive's vector by its row
+            keys = [{"relevant_rows": sorted(wanted[key][2]), "positive_row": r} for r in wanted[key][0]]
         examples += [{"query": queries[key], "positive": positive, "negatives": negatives, "relevant": positives,
-                      **extra_keys} for positive in positives]
+                      **more_keys} for positive, more_keys in zip(positives, keys)]
     return examples, len(short), dropped
 
 
@@ -213,7 +217,8 @@ def training_set(examples, data, tokenizer, teacher, args, cache, out_dir):
     miner = NegativeMiner(
         dataset, tokenizer, lambda model: mining_index(model, tokenizer, data.corpus, args, cache,
                                                        passage_prefix=args.passage_prefix, normalize=normalize),
-        [set(e.get("relevant_rows", ())) for e in examples], ranks=tuple(args.mine_ranks),
+        [set(e.get("relevant_rows", ())) for e in examples], positive_rows=[e.get("positive_row") for e in examples],
+        ranks=tuple(args.mine_ranks),
         relative_margin=args.mine_margin if args.mine_margin >= 0 else None, every=args.mine_every, seed=args.seed,
         directory=out_dir / "mined", teacher=teacher, query_length=args.query_length,
         passage_length=args.passage_length, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,

@@ -72,6 +72,18 @@ def test_miner_trains_with_the_trainer_and_resumes_from_its_files(tmp_path):
     assert not other.history[-1].get("read")
 
 
+def test_positives_read_from_the_index_give_the_same_negatives(tmp_path):
+    """Positives that are rows of the collection are read from the index, not encoded again."""
+    chosen = []
+    for rows in (None, list(range(len(EXAMPLES)))):
+        model, data, mine = miner(tmp_path / str(rows is None))
+        mine.positive_rows = rows or [None] * len(EXAMPLES)
+        mine.relative_margin = 0.01  # the positive's score decides: most candidates of this random model fail it
+        mine(type("T", (), {"model": model})(), 0)
+        chosen.append(data.rows.copy())
+    assert (chosen[0] == chosen[1]).all() and 0 < (chosen[0] >= 0).sum() < len(EXAMPLES)
+
+
 def test_miner_errors():
     _, data, _ = miner(Path("/nonexistent"))
     for bad, match in [({"ranks": (5, 5)}, "rank window"), ({"relative_margin": 1.0}, "relative_margin"),

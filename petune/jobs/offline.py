@@ -264,7 +264,8 @@ def add_miners(opts: OfflineOptions, tasks: list[Task], data, tokenizer, teacher
 
         miners.append(NegativeMiner(
             task.dataset, tokenizer, index_for,
-            [{row[t] for t in e["relevant"] if t in row} for e in task.dataset.examples], ranks=opts.mine_ranks,
+            [{row[t] for t in e["relevant"] if t in row} for e in task.dataset.examples],
+            positive_rows=[row.get(e["positive"]) for e in task.dataset.examples], ranks=opts.mine_ranks,
             relative_margin=opts.mine_margin if opts.mine_margin >= 0 else None, every=opts.mine_every,
             seed=opts.seed, directory=Path(out_dir) / "mined" / task.name, teacher=teacher, query_length=64,
             passage_length=opts.eval_length, normalize=normalize, pooling=opts.pooling, task=module))

@@ -121,6 +121,13 @@ def _search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     return scores, rows
 
 
+def _vectors(index, rows: list[int]) -> np.ndarray:
+    """The indexed vectors of ``rows``: an embedding store's rows, or a flat FAISS index's."""
+    if hasattr(index, "store"):
+        return np.asarray(index.store[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
+    return index.index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
+
+
 @contextmanager
 def memory_index(model, tokenizer, passages: Sequence[str], cache_dir=None, **encode_options):
     """The passages encoded in memory by every process's share (:func:`petune.encode_sharded`,
@@ -147,6 +154,8 @@ class NegativeMiner:
             the passages' positions, as ``dataset``'s ``passage_text`` reads them. See
             :func:`memory_index`.
         relevant: ``[N]`` each example's relevant passage rows (never mined for it).
+        positive_rows: ``[N]`` each example's positive's row in the index where it is one of the
+            passages (its vector is read there instead of encoded again), else ``None``.
         ranks: ``(first, last)`` window of ranks (0-based, last excluded) the negatives are drawn from.
         relative_margin: candidates scoring above ``(1 - relative_margin) ×`` the positive are
             dropped (``None``: kept). Scores are the encoder's (cosine when ``normalize``).
@@ -166,7 +175,7 @@ class NegativeMiner:
                  ranks: tuple[int, int] = (0, 50), relative_margin: float | None = 0.05, every: int = 1,
                  seed: int = 0, directory=None, teacher=None, query_length: int = 64, passage_length: int = 256,
                  query_prefix: str = "", passage_prefix: str = "", normalize: bool = True, pooling: str = "mean",
-                 task: str | None = None):
+                 task: str | None = None, positive_rows: Sequence[int | None] | None = None):
         lo, hi = ranks
         if not (0 <= lo < hi):
             raise ValueError(f"the rank window must be 0 <= first < last, got {ranks}")
@@ -180,6 +189,9 @@ class NegativeMiner:
         self.ranks, self.relative_margin, self.every, self.seed = (lo, hi), relative_margin, every, seed
         self.directory = Path(directory) if directory else None
         self.teacher, self.task = teacher, task
+        self.positive_rows = list(positive_rows) if positive_rows is not None else [None] * len(dataset)
+        if len(self.positive_rows) != len(dataset):
+            raise ValueError(f"positive rows for {len(self.positive_rows)} examples, the dataset has {len(dataset)}")
         self.encoding = dict(query_length=query_length, passage_length=passage_length, query_prefix=query_prefix,
                              passage_prefix=passage_prefix, normalize=normalize, pooling=pooling)
         self.history: list[dict] = []
@@ -253,14 +265,19 @@ class NegativeMiner:
             q = encode_sharded(model, self.tokenizer, queries, max_length=opts["query_length"],
                                prefix=opts["query_prefix"], side=encode_side(model, "query"), **common)
             passage_side = encode_side(model, "passage")
-            with side_model(model, passage_side) as encoder:
-                positives = encode_sharded(encoder, self.tokenizer, [e["positive"] for e in examples],
-                                           max_length=opts["passage_length"], prefix=opts["passage_prefix"], **common)
+            unindexed = [i for i, r in enumerate(self.positive_rows) if r is None]  # the rest: read from the index
+            positives = None
+            if unindexed:
+                with side_model(model, passage_side) as encoder:
+                    positives = encode_sharded(encoder, self.tokenizer, [examples[i]["positive"] for i in unindexed],
+                                               max_length=opts["passage_length"], prefix=opts["passage_prefix"],
+                                               **common)
             with self.index_for(model) as index:
                 result, error = None, None
                 if state.is_main_process:
                     try:
-                        result = self._choose(index, q, positives, query_row, epoch)
+                        result = self._choose(index, q, self._positives(index, positives, unindexed), query_row,
+                                              epoch)
                     except Exception as e:  # noqa: BLE001 - carried to every process
                         error = e
                 agree_on_errors(error)
@@ -275,6 +292,19 @@ class NegativeMiner:
                      info["full"], len(examples), self.dataset.count, *self.ranks, info["seconds"])
             self._write(epoch, rows, teacher, info)
         return rows, teacher, info
+
+    def _positives(self, index, encoded, unindexed) -> np.ndarray:
+        """``[N, d]`` each example's positive: encoded now, or the index's vector of its row."""
+        known = [i for i, r in enumerate(self.positive_rows) if r is not None]
+        d = encoded.shape[1] if encoded is not None else None
+        vectors = _vectors(index, [self.positive_rows[i] for i in known]) if known else None
+        d = d or vectors.shape[1]
+        out = np.empty((len(self.positive_rows), d), dtype=np.float32)
+        if known:
+            out[known] = vectors
+        if unindexed:
+            out[unindexed] = encoded
+        return out
 
     def _choose(self, index, q, positives, query_row, epoch):
         examples, count = self.dataset.examples, self.dataset.count
