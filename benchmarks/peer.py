@@ -98,13 +98,13 @@ def train(row: str, lr: float, examples: list[dict], args, out: Path):
     return model, time.time() - started, trainable
 
 
-def dense_run(model, corpus_texts, queries: dict, ids) -> dict:
-    """The model's top-100 over the whole corpus, cosine, as ``{query: {doc id: score}}``."""
+def dense_run(model, corpus_texts, queries: dict, ids):
+    """The model's top-100 over the whole corpus, cosine, as a ``ranx.Run``."""
     from petune.score import DenseIndex
 
     docs = model.encode(corpus_texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
     q = model.encode(list(queries.values()), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    return DenseIndex(docs, list(ids)).search(q, list(queries), k=100).to_dict()
+    return DenseIndex(docs, list(ids)).search(q, list(queries), k=min(100, len(ids)))
 
 
 def main(argv=None):

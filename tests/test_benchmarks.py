@@ -119,3 +119,28 @@ def test_cached_loss_section_renders_the_committed_measurements():
     assert {r["batch"] for r in result["rows"]} == {32, 128, 512}
     assert "| 512 | – | – |" in "\n".join(lines)  # the plain B = 512 is not run, and says why
     assert "\n".join(lines[:9]) in (ROOT / "benchmarks" / "RESULTS.md").read_text()
+
+
+@pytest.mark.slow  # about 40 s: two sentence-transformers trainings and three encodings of the collection
+def test_peer_quick_pairs_sentence_transformers_with_petune_runs(tmp_path):
+    """benchmarks/peer.py: a sentence-transformers row trained on the recipe's examples, its
+    learning rate chosen on dev, its test run saved and compared with a petune run from files."""
+    from petune.score.runs import save_runs
+    from test_your_data import bbc_beir
+
+    root = bbc_beir(tmp_path / "bbc", n=30, chars=200)
+    petune_dir = tmp_path / "petune-run"  # a petune report directory: report.json and runs/*.trec
+    qrels = {q: docs for q, docs in __import__("petune.data.beir", fromlist=["load_beir"]).load_beir(
+        root, cache_dir=tmp_path / "c").qrels["test"].items()}
+    save_runs(petune_dir / "runs", qrels, {"lora": {q: {d: 1.0 for d in docs} for q, docs in qrels.items()}})
+    (petune_dir / "report.json").write_text(json.dumps({"command": "recipes/retrieval.py ...", "total_seconds": 1.0,
+                                                        "trainable": {"trainable": 10}, "dev": []}))
+    out = tmp_path / "peer"
+    script("benchmarks/peer.py").main(["--beir", str(root), "--rows", "frozen", "lora", "--lrs", "lora=1e-4,1e-3",
+                                       "--batch-size", "4", "--max-length", "48", "--petune", str(petune_dir),
+                                       "--output", str(out)])
+    summary = json.loads((out / "peer.json").read_text())
+    assert set(summary["scores"]) == {"st-frozen", "st-lora", "petune-petune-run-lora"}
+    assert summary["rows"]["st-lora"]["lr"] in (1e-4, 1e-3) and 0 < summary["rows"]["st-lora"]["trainable"] < 10 ** 6
+    assert summary["scores"]["petune-petune-run-lora"]["mrr@10"] == 1.0  # the relevant documents, first
+    assert (out / "runs" / "st-lora.trec").exists() and "Fisher" in (out / "peer.md").read_text()
