@@ -186,6 +186,17 @@ def test_retrieval_job_on_a_beir_directory(tmp_path):
     assert not bad_out.exists()
 
 
+def test_chatterbot_in_beir_layout_is_the_offline_qa_split(tmp_path):
+    from petune.data.beir import chatterbot_beir
+    from petune.data.packaged import chatterbot_qa, split_ids
+
+    data = load_beir(chatterbot_beir(tmp_path / "chat"), cache_dir=tmp_path / "cache")
+    chat = chatterbot_qa()
+    train, dev, test = split_ids(list(chat.queries))
+    assert len(data.corpus) == len(chat.docs) and set(data.qrels["test"]) == set(test)
+    assert set(data.qrels["dev"]) == set(dev) and data.qrels["train"][train[0]] == chat.qrels[train[0]]
+
+
 def test_training_examples_with_too_few_bm25_negatives_get_random_ones(tmp_path):
     """A query sharing no word with the corpus keeps its example: random documents (from --seed,
     never its relevant one) stand in for the BM25 negatives it lacks."""

@@ -360,3 +360,16 @@ def bbc_beir(dest: str | os.PathLike, max_chars: int = 1000, seed: int = 0) -> P
     splits = dict(zip(SPLITS, split_ids([a["id"] for a in articles], seed=seed)))
     qrels = {s: {f"q-{a}": news.qrels[f"q-{a}"] for a in ids} for s, ids in splits.items()}
     return write_beir(dest, news.docs, news.queries, qrels)
+
+
+def chatterbot_beir(dest: str | os.PathLike, seed: int = 0) -> Path:
+    """The offline job's ChatterBot question → answer task (``recipes/offline.py``'s qa task) written
+    in the BEIR layout: every distinct answer a document, every distinct question a query (all its
+    answers relevant), qrels split 80 / 10 / 10 by question with ``seed`` as the offline job splits
+    them. Raises ``ImportError`` without ``chatterbot-corpus``."""
+    from .packaged import chatterbot_qa, split_ids
+
+    chat = chatterbot_qa()
+    splits = dict(zip(SPLITS, split_ids(list(chat.queries), seed=seed)))
+    qrels = {s: {q: chat.qrels[q] for q in ids} for s, ids in splits.items()}
+    return write_beir(dest, chat.docs, chat.queries, qrels)
