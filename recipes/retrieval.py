@@ -53,6 +53,10 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="seq2seq model name or path (default: the packaged MiniLM BERT2BERT)")
     add_method_args(parser)
     add_sides_arg(parser)
+    parser.add_argument("--lr-search", type=float, nargs="+", metavar="LR", help="train once per learning rate and "
+                        "keep the one (and its epoch) with the best dev MRR@10: a search on this collection's own dev "
+                        "split (needs qrels/dev.tsv; costs one training per rate); the report lists each rate's dev "
+                        "scores")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32, help="examples per batch and process")
     add_mini_batch_arg(parser)
@@ -76,6 +80,8 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="runs/retrieval")
     add_run_args(parser, checkpoint_every=200)
     args = parser.parse_args(argv)
+    if args.lr is not None and args.lr_search:
+        parser.error("give --lr or --lr-search, not both")
     args.lr = args.lr or DEFAULT_LR[args.method]
     if not 0 <= args.mine_negatives <= args.hard_negatives:
         parser.error(f"--mine-negatives {args.mine_negatives} must be 0 … --hard-negatives ({args.hard_negatives})")
@@ -203,7 +209,8 @@ def random_documents(size: int, seed: str, k: int, exclude: set) -> list[int] | 
 def training_set(examples, data, tokenizer, teacher, args, cache, out_dir):
     """The training examples, and with ``--mine-negatives`` the :class:`~petune.train.mining.MinedNegatives`
     wrapper and its :class:`~petune.train.mining.NegativeMiner` (else ``None``): its rounds search the
-    collection as the test run does and are written to ``out_dir/mined``."""
+    collection as the test run does and are written to ``out_dir/mined``. Call it once per
+    training (each trains on the negatives its own model mines)."""
     if not args.mine_negatives:
         return examples, None
     from petune.train.mining import MinedNegatives, NegativeMiner
@@ -226,10 +233,12 @@ def training_set(examples, data, tokenizer, teacher, args, cache, out_dir):
     return dataset, miner
 
 
-def dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state):
-    """``eval_fn`` for the Trainer: dev MRR@10 reranking each dev query's BM25 top
-    ``--dev-candidates`` plus its relevant documents; saves the best parameters in
-    ``out_dir/best`` (main process). ``None`` without a dev split."""
+def dev_selection(tokenizer, data, bm25, args, out_dir, state):
+    """``eval_fn`` for the Trainer: dev MRR@10 of the trainer's model reranking each dev query's
+    BM25 top ``--dev-candidates`` plus its relevant documents; saves the best parameters seen by
+    any training it is given to (``--lr-search``) in ``out_dir/best`` (main process). Its
+    ``best`` dict holds the best score and ``lr`` (set ``current["lr"]`` before each training).
+    ``None`` without a dev split."""
     import petune
     from petune.score import DenseIndex, evaluate
 
@@ -241,12 +250,13 @@ def dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state):
     row = rows_of(data.corpus, {d for docs in data.qrels["dev"].values() for d in docs})
     candidates = sorted({int(d) for docs in run.values() for d in docs} | set(row.values()))
     texts = texts_of(data.corpus, candidates)
-    best = {"mrr@10": -1.0}
+    best, current = {"mrr@10": -1.0, "lr": None}, {"lr": None}
     normalize = args.similarity == "cosine"
-    sides = (encode_side(tuned, "query"), encode_side(tuned, "passage"))
     frozen_docs = []  # a query-side model's candidates are the frozen model's: encoded once
 
     def evaluate_dev(trainer) -> dict:
+        tuned = trainer.model
+        sides = (encode_side(tuned, "query"), encode_side(tuned, "passage"))
         docs = frozen_docs[0] if frozen_docs else petune.encode(
             tuned, tokenizer, [texts[r] for r in candidates], max_length=args.passage_length,
             prefix=args.passage_prefix, normalize=normalize, progress=False, side=sides[1])
@@ -258,12 +268,13 @@ def dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state):
         qrels = {q: {str(row[d]): s for d, s in docs.items()} for q, docs in data.qrels["dev"].items()}
         score = evaluate(qrels, found, "mrr@10")["mrr@10"]
         if score > best["mrr@10"]:
-            best["mrr@10"] = score
+            best.update({"mrr@10": score, "lr": current["lr"]})
             if state.is_main_process:
                 petune.save(tuned, out_dir / "best")
         state.wait_for_everyone()
         return {"dev_mrr@10": score}
 
+    evaluate_dev.best, evaluate_dev.current = best, current
     return evaluate_dev
 
 
@@ -277,7 +288,9 @@ def main(job):
     args, state, out_dir, started, _ = job
     check_distill_args(args)
     data, extra = load_data(args, state)  # before anything is written in the output dir
-    resume_from = start_run(args, out_dir, [out_dir / "checkpoints", out_dir / "mined"], state)
+    if args.lr_search and "dev" not in data.qrels:
+        raise JobError("--lr-search chooses on the dev split: add qrels/dev.tsv, or give one --lr")
+    resume_from = start_run(args, out_dir, [out_dir / "checkpoints", out_dir / "mined", out_dir / "search"], state)
     cache = cache_dir(args)
     bm25 = BM25(data.corpus, column="passage", k1=args.bm25_k1, b=args.bm25_b, cache_dir=cache)
     examples, filled, dropped = training_examples(data, extra, bm25, args, state)
@@ -303,24 +316,37 @@ def main(job):
     encode_options = dict(query_length=args.query_length, query_prefix=args.query_prefix,
                           passage_prefix=args.passage_prefix, normalize=normalize)
     frozen_run = dense_run(model, tokenizer, data.corpus, test, args, cache, **encode_options)
-    tuned = petune.attach(model, args.method, sides=sides_option(args), **method_options(args))
-    if state.is_main_process:
-        print(tuned.trainable_report())
     collate = RetrievalCollator(tokenizer, query_max_length=args.query_length,
                                 passage_max_length=args.train_passage_length, query_prefix=args.query_prefix,
                                 passage_prefix=args.passage_prefix)
-    loss = DPRLoss(scale=args.scale if normalize else None, mini_batch_size=args.mini_batch_size,
-                   **distill_options(args))
-    dataset, miner = training_set(examples, data, tokenizer, teacher, args, cache, out_dir)
-    task = Task("retrieval", dataset, collate, loss, batch_size=min(args.batch_size, len(examples)), drop_last=True)
-    select = dev_selection(tuned, tokenizer, data, bm25, args, out_dir, state)
-    steps_per_epoch = max(1, len(examples) // (task.batch_size * state.num_processes))
-    history = Trainer(tuned, [task], epochs=args.epochs, lr=args.lr, seed=args.seed, output_dir=out_dir,
-                      checkpoint_every=args.checkpoint_every, eval_fn=select,
-                      eval_every=steps_per_epoch if select else None,
-                      on_epoch_start=[miner] if miner else []).fit(resume_from=resume_from)
+    select = dev_selection(tokenizer, data, bm25, args, out_dir, state)
+    searched = {}  # --lr-search: each rate's dev scores
+    for i, lr in enumerate(args.lr_search or [args.lr]):
+        if i:  # every rate starts from the same pretrained weights and seed
+            torch.manual_seed(args.seed)
+            model, tokenizer = load_model(args.model)
+        run_dir = out_dir / "search" / f"lr-{lr:g}" if args.lr_search else out_dir
+        tuned = petune.attach(model, args.method, sides=sides_option(args), **method_options(args))
+        if state.is_main_process and i == 0:
+            print(tuned.trainable_report())
+        loss = DPRLoss(scale=args.scale if normalize else None, mini_batch_size=args.mini_batch_size,
+                       **distill_options(args))
+        dataset, miner = training_set(examples, data, tokenizer, teacher, args, cache, run_dir)
+        task = Task("retrieval", dataset, collate, loss, batch_size=min(args.batch_size, len(examples)),
+                    drop_last=True)
+        steps_per_epoch = max(1, len(examples) // (task.batch_size * state.num_processes))
+        if select is not None:
+            select.current["lr"] = lr
+        history = Trainer(tuned, [task], epochs=args.epochs, lr=lr, seed=args.seed, output_dir=run_dir,
+                          checkpoint_every=args.checkpoint_every, eval_fn=select,
+                          eval_every=steps_per_epoch if select else None,
+                          on_epoch_start=[miner] if miner else []).fit(resume_from=resume_from)
+        searched[f"{lr:g}"] = [round(e["dev_mrr@10"], 4) for e in history["eval"]]
+        if args.lr_search:
+            log.info("--lr-search: lr %g, dev MRR@10 per epoch %s", lr, searched[f"{lr:g}"])
     if select is not None and (out_dir / "best").exists():
-        petune.load(tuned, out_dir / "best")  # the dev-selected parameters
+        petune.load(tuned, out_dir / "best")  # the dev-selected parameters (and rate)
+    lr = select.best["lr"] if select is not None and args.lr_search else args.lr
     tuned_run = dense_run(tuned, tokenizer, data.corpus, test, args, cache, keep_store=args.keep_tuned_store,
                           **encode_options)
     if state.is_main_process:
@@ -334,7 +360,8 @@ def main(job):
         summary = {
             "command": command, "data": str(data.root), "method": args.method, "options": method_options(args),
             "sides": args.sides,
-            "lr": args.lr, "epochs": args.epochs, "processes": state.num_processes,
+            "lr": lr, "lr_search": searched if args.lr_search else None, "epochs": args.epochs,
+            "processes": state.num_processes,
             "trainable": tuned.trainable_report().as_dict(),
             "corpus": len(data.corpus), "queries": {s: len(q) for s, q in data.qrels.items()},
             "training_examples": len(examples), "random_negatives": filled, "dropped_no_hard_negative": dropped,
