@@ -65,6 +65,11 @@ def test_miner_trains_with_the_trainer_and_resumes_from_its_files(tmp_path):
     model, again, mine2 = miner(tmp_path)
     mine2(type("T", (), {"model": model})(), 1)
     assert mine2.history[-1]["read"] and (again.rows == data.rows).all()
+    # a damaged file is mined again, not trusted
+    (tmp_path / "mined" / "epoch-0001.npz").write_bytes(b"PK\x03\x04 cut short")
+    model, _, damaged = miner(tmp_path)
+    damaged(type("T", (), {"model": model})(), 1)
+    assert not damaged.history[-1].get("read") and damaged.history[-1]["mined"] > 0
     # other settings: the file is not trusted
     model, _, other = miner(tmp_path)
     other.ranks = (0, 5)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import random
+import zipfile
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -236,13 +237,22 @@ class NegativeMiner:
         file = self._file(epoch)
         if file is None or not file.exists():
             return None
-        with np.load(file) as saved:
-            if str(saved["fingerprint"]) != self.fingerprint():
-                log.warning("mined negatives %s are from other examples or settings: mining again", file)
-                return None
-            info = json.loads(str(saved["info"]))
-            log.info("mined negatives of epoch %d read from %s", epoch, file)
-            return saved["rows"], (saved["teacher"] if "teacher" in saved else None), {**info, "read": True}
+        try:
+            with np.load(file) as saved:
+                if str(saved["fingerprint"]) != self.fingerprint():
+                    log.warning("mined negatives %s are from other examples or settings: mining again", file)
+                    return None
+                rows, info = saved["rows"], json.loads(str(saved["info"]))
+                teacher = saved["teacher"] if "teacher" in saved else None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # written atomically; damaged since
+            log.warning("mined negatives %s cannot be read (%s): mining again", file, e)
+            return None
+        if rows.shape != (len(self.dataset), self.dataset.count):
+            log.warning("mined negatives %s have shape %s, not %s: mining again", file, rows.shape,
+                        (len(self.dataset), self.dataset.count))
+            return None
+        log.info("mined negatives of epoch %d read from %s", epoch, file)
+        return rows, teacher, {**info, "read": True}
 
     def _mine(self, model, epoch: int):
         """Every process: encode and search; the main process chooses, writes and broadcasts."""
