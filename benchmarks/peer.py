@@ -4,7 +4,8 @@ training examples and the same scoring as ``recipes/retrieval.py``, paired with 
     python benchmarks/peer.py --beir runs/bbc-beir-data --bm25-k1 0.5 --bm25-b 0.3 \\
         --petune runs/bbc-beir runs/val/kl --output benchmarks/runs/peer-bbc
 
-Rows (sentence-transformers 5.7, the ``serve`` extra; MiniLM, cosine, scale 20, batch 32, 1 epoch):
+Rows (sentence-transformers 5.7, the ``serve`` extra; MiniLM, cosine, scale 20, batch 32, 1 epoch,
+128 tokens in training and 256 in scoring, as the recipe):
   frozen     the packaged all-MiniLM-L6-v2 as it is
   full       full fine-tuning, MultipleNegativesRankingLoss (in-batch + the BM25 hard negatives)
   cached     full fine-tuning, CachedMultipleNegativesRankingLoss (GradCache, mini-batch 8)
@@ -52,7 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=256, help="tokens per text (the recipe scores passages at 256)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per text when scoring (the recipe's "
+                   "--passage-length)")
+    p.add_argument("--train-length", type=int, default=128, help="tokens per text when training (the recipe's "
+                   "--train-passage-length)")
     p.add_argument("--max-train", type=int, help="use the first N training examples (smoke runs)")
     p.add_argument("--output", default="benchmarks/runs/peer")
     args = p.parse_args(argv)
@@ -82,6 +86,7 @@ def train(row: str, lr: float, examples: list[dict], args, out: Path):
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
     model = st_model(args, lora=row == "lora")
+    model.max_seq_length = args.train_length
     columns = {"anchor": [e["query"] for e in examples], "positive": [e["positive"] for e in examples]}
     for j in range(args.hard_negatives):
         columns[f"negative_{j}"] = [e["negatives"][j] for e in examples]
@@ -95,6 +100,7 @@ def train(row: str, lr: float, examples: list[dict], args, out: Path):
     SentenceTransformerTrainer(model=model, args=training, train_dataset=datasets.Dataset.from_dict(columns),
                                loss=loss).train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.max_seq_length = args.max_length
     return model, time.time() - started, trainable
 
 
