@@ -99,6 +99,7 @@ def test_lr_sweep_chooses_best_mean_and_lower_rate_on_ties():
     assert chosen({("m", 0.003): {"mean": 0.4}, ("m", 0.001): {"mean": 0.45}}, "m") == 0.001
 
 
+@pytest.mark.slow  # 14 s; the store, index and BM25 pieces it times have their own tests in the default run
 def test_kb_scale_quick_measures_stages_and_renders_its_section(tmp_path):
     out = tmp_path / "kb_scale.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "kb_scale.py"), "--quick", "--stages", "encode", "exact_search",

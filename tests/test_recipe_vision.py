@@ -87,6 +87,7 @@ def test_vision_recipe_on_a_vl_t5_checkpoint_with_region_features(tmp_path):
     assert config["parts"]["visual"]["options"]["feat_dim"] == 12
 
 
+@pytest.mark.slow  # 9 s; VL checkpoints under 2 processes stay in the default run (the ViQuAE job's --vl-t5 test)
 @pytest.mark.multiproc
 def test_vision_recipe_on_a_vl_bart_checkpoint_two_processes(tmp_path):
     import petune

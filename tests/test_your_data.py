@@ -140,7 +140,7 @@ def test_retrieval_job_on_a_beir_directory(tmp_path):
 
     retrieval = script("recipes/retrieval.py")
 
-    root = bbc_beir(tmp_path / "bbc")
+    root = bbc_beir(tmp_path / "bbc", n=45)
     out, teacher = tmp_path / "run", tmp_path / "teacher"
     teacher.symlink_to(get_model_path())  # the card records the command: no site-packages path in it
     args = ["--beir", str(root), "--method", "lora", "--lr-search", "1e-3", "1e-2", "--batch-size", "6",
@@ -160,9 +160,9 @@ def test_retrieval_job_on_a_beir_directory(tmp_path):
     assert report["distill"]["distill"] == "margin-mse" and len(list((out / "cache" / "teacher").iterdir())) == 1
     assert set(report["scores"]) == {"BM25", "frozen", "lora"}
     assert set(report["scores"]["lora"]) == {"mrr@10", "ndcg@10", "recall@100"}
-    assert report["queries"] == {"train": 36, "dev": 12, "test": 12} and report["training_examples"] > 30
+    assert report["queries"] == {"train": 27, "dev": 9, "test": 9} and report["training_examples"] >= 27
     assert report["random_negatives"] >= 1 and report["dropped_no_hard_negative"] == 0  # short headlines
-    assert [e["step"] for e in report["dev"]] == [6]  # 36 examples / batch 6: 6 steps per epoch
+    assert [e["step"] for e in report["dev"]] == [4]  # 27 examples / batch 6: 4 steps per epoch
     assert (out / "best" / "petune.json").exists()
     assert "Fisher" in (out / "report.md").read_text()
     # the runs are saved beside the report: compared from their files, the same scores
