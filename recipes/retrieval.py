@@ -27,11 +27,13 @@ Steps:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 
+from petune.atomic import atomic_write
 from petune.dist import main_process_first
 from petune.jobs.common import (DEFAULT_LR, JobError, add_distill_args, add_index_args, add_method_args,
                                 add_mini_batch_arg, add_mining_args, add_run_args, add_sides_arg, cache_dir,
@@ -139,8 +141,7 @@ def training_examples(data, extra, bm25, args, state) -> tuple[list[dict], int, 
     the query, the same on every process). Returns ``(examples, queries given random negatives,
     examples dropped)``: only a corpus too small to give a query its negatives drops examples.
     Examples of qrels carry their query's ``"relevant_rows"`` (never mined as negatives) and their
-    ``"positive_row"``; those of
-    a training file with teacher scores carry its ``"scores"``."""
+    ``"positive_row"``; those of a training file with teacher scores carry its ``"scores"``."""
     train = data.qrels.get("train", {})
     relevant = {q: [d for d, s in docs.items() if s > 0] for q, docs in train.items()}
     row = rows_of(data.corpus, {d for docs in relevant.values() for d in docs})
@@ -237,8 +238,9 @@ def dev_selection(tokenizer, data, bm25, args, out_dir, state):
     """``eval_fn`` for the Trainer: dev MRR@10 of the trainer's model reranking each dev query's
     BM25 top ``--dev-candidates`` plus its relevant documents; saves the best parameters seen by
     any training it is given to (``--lr-search``) in ``out_dir/best`` (main process). Its
-    ``best`` dict holds the best score and ``lr`` (set ``current["lr"]`` before each training).
-    ``None`` without a dev split."""
+    ``best`` dict holds the best score and ``lr`` (set ``current["lr"]`` before each training),
+    also written to ``out_dir/best.json`` so that ``--resume`` compares with the best seen before
+    the interruption. ``None`` without a dev split."""
     import petune
     from petune.score import DenseIndex, evaluate
 
@@ -251,6 +253,8 @@ def dev_selection(tokenizer, data, bm25, args, out_dir, state):
     candidates = sorted({int(d) for docs in run.values() for d in docs} | set(row.values()))
     texts = texts_of(data.corpus, candidates)
     best, current = {"mrr@10": -1.0, "lr": None}, {"lr": None}
+    if args.resume and (out_dir / "best.json").exists() and (out_dir / "best").exists():
+        best.update(json.loads((out_dir / "best.json").read_text()))
     normalize = args.similarity == "cosine"
     frozen_docs = []  # a query-side model's candidates are the frozen model's: encoded once
 
@@ -271,6 +275,8 @@ def dev_selection(tokenizer, data, bm25, args, out_dir, state):
             best.update({"mrr@10": score, "lr": current["lr"]})
             if state.is_main_process:
                 petune.save(tuned, out_dir / "best")
+                # after the parameters it describes: a kill between the two leaves the older, lower score
+                atomic_write(out_dir / "best.json", lambda f: f.write(json.dumps(best).encode()))
         state.wait_for_everyone()
         return {"dev_mrr@10": score}
 

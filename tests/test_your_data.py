@@ -157,6 +157,8 @@ def test_retrieval_job_on_a_beir_directory(tmp_path):
         assert [p.name for p in (out / "search" / f"lr-{lr}" / "mined").iterdir()] == ["epoch-0000.npz"]
     searched = {float(k): v[0] for k, v in report["lr_search"].items()}
     assert set(searched) == {1e-3, 1e-2} and report["lr"] == max(searched, key=searched.get)
+    best = json.loads((out / "best.json").read_text())  # what --resume compares with
+    assert best["lr"] == report["lr"] and best["mrr@10"] == pytest.approx(max(searched.values()), abs=1e-4)
     assert report["distill"]["distill"] == "margin-mse" and len(list((out / "cache" / "teacher").iterdir())) == 1
     assert set(report["scores"]) == {"BM25", "frozen", "lora"}
     assert set(report["scores"]["lora"]) == {"mrr@10", "ndcg@10", "recall@100"}
