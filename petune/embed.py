@@ -76,7 +76,8 @@ def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: 
     averages (``layer_combine="mean"``) or concatenates (``"concat"``) the results. ``images``: the
     batch's visual input (:func:`petune.vision.image_batch`), for models with a visual embedding.
     ``side="passage"`` on a query-side model (``attach(..., sides="query")``) embeds with the
-    frozen base; any other side with the method.
+    frozen base; any other side with the method. On a model with separate sides
+    (``sides="separate"``) ``side`` picks the module (``None``: the active side's).
 
     Raises:
         ValueError: images on the frozen passage side.
@@ -86,6 +87,9 @@ def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: 
             raise ValueError("images go with queries: the passage side of a query-side model is the frozen base")
         with model.frozen_base() as base:
             return pool(base, input_ids, attention_mask, pooling, layers, layer_combine)
+    if side is not None and getattr(model, "sides", None) == "separate" and side != model.active_side:
+        with model.side(side):
+            return pool(model, input_ids, attention_mask, pooling, layers, layer_combine, images)
     want_layers = layers is not None and layers > 1
     out, mask = _encoder_output(model, input_ids, attention_mask, want_layers, images)
     stack = list(out.hidden_states[-layers:]) if want_layers else [out.last_hidden_state]
@@ -236,8 +240,9 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
             text's vector varies slightly with the texts batched with it. Part of the cache key.
         side: ``"query"`` or ``"passage"``: required for a query-side model (``attach(...,
             sides="query")``), whose passages go through the frozen base — with the frozen
-            model's own cache key, so its cached embeddings and stores serve them; ignored by
-            other models.
+            model's own cache key, so its cached embeddings and stores serve them — and for a
+            model with separate sides (``sides="separate"``), where it picks the module (part of
+            the cache key); ignored by symmetric models.
 
     Returns:
         ``np.ndarray`` of shape ``[len(texts), d]``, dtype float32.
@@ -247,7 +252,7 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
             a task list not one per text; ``quantize`` other than ``"int8"``, or on a model with
             tuned modules or on a GPU;
             ``images`` not one per text, or on a model without a visual embedding; no ``side`` for
-            a query-side model.
+            a query-side model or one with separate sides.
         TypeError: ``texts`` is a string or holds non-strings.
         FloatingPointError: the model produced NaN or inf (names the first bad text).
     """
@@ -259,6 +264,12 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
             return encode(base, tokenizer, texts, pooling=pooling, layers=layers, layer_combine=layer_combine,
                           prefix=prefix, max_length=max_length, batch_size=batch_size, normalize=normalize,
                           progress=progress, cache_dir=cache_dir, images=images, quantize=quantize)
+    if isinstance(model, TunedModel) and model.sides == "separate" and side not in (None, model.active_side):
+        with model.side(side):  # the side's module for the whole call: routing, pooling and the cache key
+            return encode(model, tokenizer, texts, pooling=pooling, layers=layers, layer_combine=layer_combine,
+                          prefix=prefix, max_length=max_length, batch_size=batch_size, normalize=normalize,
+                          task=task, progress=progress, cache_dir=cache_dir, images=images, quantize=quantize,
+                          side=side)
     if images is not None:
         texts, images = prepare_images(model, texts, images, cache_dir)
     texts = _check_args(texts, pooling, layers, layer_combine, batch_size)
@@ -333,17 +344,23 @@ def check_side(model, side) -> None:
     if side is None and getattr(model, "sides", None) == "query":
         raise ValueError("this model tunes the query side only: encode queries with side='query' and passages "
                          "with side='passage' (the frozen base)")
+    if side is None and getattr(model, "sides", None) == "separate" and not model._side_held:
+        raise ValueError("this model has a module per side: encode queries with side='query' and passages "
+                         "with side='passage' (or inside `with tuned.side(...)`)")
 
 
 def encode_side(model, side: str) -> str | None:
-    """:func:`encode`'s ``side`` for ``model``: ``side`` for a query-side model, else ``None``."""
-    return side if getattr(model, "sides", None) == "query" else None
+    """:func:`encode`'s ``side`` for ``model``: ``side`` for a model with asymmetric sides
+    (``sides="query"`` or ``"separate"``), else ``None``."""
+    return side if getattr(model, "sides", None) in ("query", "separate") else None
 
 
 @contextlib.contextmanager
 def side_model(model, side: str | None):
     """Context manager giving the model that encodes ``side``: a query-side model's frozen base
-    (:meth:`petune.TunedModel.frozen_base`) for passages, else ``model`` itself.
+    (:meth:`petune.TunedModel.frozen_base`) for passages; a model with separate sides switched to
+    ``side``'s module (:meth:`petune.TunedModel.side`, so :func:`encode` needs no ``side=``); else
+    ``model`` itself.
 
     Raises:
         ValueError: see :func:`check_side`.
@@ -352,6 +369,9 @@ def side_model(model, side: str | None):
     if isinstance(model, TunedModel) and model.is_frozen_side(side):
         with model.frozen_base() as base:
             yield base
+    elif isinstance(model, TunedModel) and model.sides == "separate":
+        with model.side(side):
+            yield model
     else:
         yield model
 
@@ -380,6 +400,8 @@ def keyed_options(model, tokenizer, options: dict) -> dict:
     options["max_length"] = _max_length(model, tokenizer, options["max_length"])
     if isinstance(model, TunedModel) and options["task"] is None:
         options["task"] = model.active_task
+    if isinstance(model, TunedModel) and model.sides == "separate":
+        options["side"] = model.active_side  # both sides' weights are in the digest: the side picks the module
     if options["images"] is not None:
         options["images"] = images_digest(options["images"])
     return options
@@ -455,10 +477,15 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
         raise ValueError(f"gather_to must be 'main' or 'all', got {gather_to!r}")
     side = options.pop("side", None)
     if isinstance(model, TunedModel) and model.is_frozen_side(side):
+        options.pop("task", None)  # the frozen base has no tasks: its own call, its own cache key
         with side_model(model, side) as base:
             return encode_sharded(base, tokenizer, texts, gather_to=gather_to, cache_dir=cache_dir, progress=progress,
                                   **options)
     check_side(model, side)
+    if isinstance(model, TunedModel) and model.sides == "separate" and side not in (None, model.active_side):
+        with model.side(side):  # the side's module for the cache key and every process's encode
+            return encode_sharded(model, tokenizer, texts, gather_to=gather_to, cache_dir=cache_dir,
+                                  progress=progress, side=side, **options)
     options["side"] = side
     state = process_state()
     if state.num_processes == 1:

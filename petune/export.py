@@ -80,9 +80,11 @@ def _write_sentence_transformers(tmp: Path, encoder, tokenizer, pooling, prompts
         (tmp / name).write_text(json.dumps(value, indent=2))
 
 
-def _export_adapter(tuned, path: Path, task, format: str, settings: dict, scores_markdown, command) -> Path:
+def _export_adapter(tuned, path: Path, task, format: str, settings: dict, scores_markdown, command,
+                    side: str | None = None) -> Path:
     """``format="peft"`` / ``"adapters"``: the module of ``task`` (every task's, one folder each,
-    when the model has one module per task and no task is named) with its card."""
+    when the model has one module per task and no task is named) with its card; on a model with
+    separate sides, ``side``'s module."""
     from . import adapter_export
 
     write = adapter_export.write_peft if format == "peft" else adapter_export.write_adapters
@@ -92,7 +94,7 @@ def _export_adapter(tuned, path: Path, task, format: str, settings: dict, scores
         for name in (tuned.tasks if per_task else [task]):
             folder = tmp / name if per_task else tmp
             folder.mkdir(exist_ok=True)
-            write(tuned, tuned.module_for(name), folder)
+            write(tuned, tuned.module_for(name, side), folder)
             card_settings = {k: repr(v) if k == "prefix" else v for k, v in settings.items()}
             (folder / "README.md").write_text(model_card(
                 tuned, library=format, settings=card_settings, scores_markdown=scores_markdown, command=command,
@@ -156,9 +158,11 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
             ``prefix``, which must then be empty).
         side: for a query-side model (``attach(..., sides="query")``), which side this folder
             holds: ``"query"`` (the method merged) or ``"passage"`` (the frozen base, the method
-            removed: peft's ``unload`` on a copy). Two folders, each a model of its own that
-            sentence-transformers or transformers loads; encode queries with the first and
-            passages with the second. Ignored by symmetric models.
+            removed: peft's ``unload`` on a copy). For a model with separate sides
+            (``sides="separate"``), the side whose module this folder holds (merged, or in the
+            ``"peft"`` / ``"adapters"`` formats the module alone). Two folders, each a model of
+            its own that sentence-transformers or transformers loads; encode queries with the
+            first and passages with the second. Ignored by symmetric models.
 
     Returns:
         The directory.
@@ -170,7 +174,7 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
             not give (bottleneck adapters), ``"adapters"`` for one the adapters library does not;
             for sentence-transformers, no tokenizer or an architecture whose encoder it cannot
             load alone (BART, mBART, LED, ...); a query-side model without ``side`` in a
-            whole-model format.
+            whole-model format, or a model with separate sides without ``side``.
     """
     if pooling not in ("mean", "first"):
         raise ValueError(f"export writes encoder pooling 'mean' or 'first', got {pooling!r}")
@@ -186,22 +190,25 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         named = labels[0] + " is" if len(labels) == 1 else ", ".join(labels[:-1]) + f" and {labels[-1]} are"
         raise ValueError(f"{named} not part of any transformers architecture; save with "
                          "petune.save(tuned, path) and load with petune.load(model, path)")
+    if tuned.sides == "separate" and side not in ("query", "passage"):
+        raise ValueError("this model has a module per side: export each side to its own folder, "
+                         "export(..., side='query') and export(..., side='passage')")
     if format in ADAPTER_FORMATS:  # a query-side model's module: for its queries only, as the settings say
+        applies = {"query": {"applies_to": "queries only"}, "separate": {"applies_to": f"{side} side",
+                   "side": side}}.get(tuned.sides, {})
         return _export_adapter(tuned, Path(path), task, format, {"prefix": prefix, "max_length": max_length,
-                               "pooling": pooling, "normalize": normalize,
-                               **({"applies_to": "queries only"} if tuned.sides == "query" else {})},
-                               scores_markdown, command)
-    module = tuned.module_for(task)
+                               "pooling": pooling, "normalize": normalize, **applies},
+                               scores_markdown, command, side=side if tuned.sides == "separate" else None)
     if tuned.sides == "query" and side not in ("query", "passage"):
         raise ValueError("this model tunes the query side only: export each side to its own folder, "
                          "export(..., side='query') and export(..., side='passage') (the frozen base)")
     if tuned.sides == "query" and side == "passage":
         plain = tuned.method.unloaded(tuned.model)
     else:
-        plain = tuned.method.merged(tuned.model, module)
+        plain = tuned.method.merged(tuned.model, tuned.module_for(task, side if tuned.sides == "separate" else None))
     settings = {"pooling": pooling, "prefix": prefix, "normalize": normalize, "max_length": max_length,
                 "method": tuned.method.name, "options": tuned.method.options, "task": task,
-                "model_class": type(plain).__name__, **({"side": side} if tuned.sides == "query" else {})}
+                "model_class": type(plain).__name__, **({"side": side} if tuned.sides is not None else {})}
     card_settings = {"pooling": pooling, "prefix": repr(prefix), "normalize": normalize, "max_length": max_length}
     if default_prompt is None and prompts:
         for side, value in (("query_prefix", prompts["query"]), ("passage_prefix", prompts["document"])):

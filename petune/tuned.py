@@ -14,6 +14,14 @@ from .methods.registry import get_method
 
 #: the sides an encode or a training group names: a query, a passage, or neither (symmetric use)
 SIDES = ("query", "passage", None)
+#: ``attach``'s ``sides``: None (symmetric), "query" (passages are the frozen base), "separate" (a module per side)
+SIDE_SETTINGS = (None, "query", "separate")
+
+
+def side_module(module: str, side: str) -> str:
+    """The name of ``module``'s ``side`` module on a model with separate sides (``"news-query"``).
+    Unique: the suffix is one of two fixed words, so two (module, side) pairs never share a name."""
+    return f"{module}-{side}"
 
 
 def is_task_list(task) -> bool:
@@ -66,6 +74,9 @@ class TunedModel(nn.Module):
         tasks: task names, in order (``None`` when attached without tasks).
         shared: True when all tasks share one module.
         active_task: the task whose module the next forward uses.
+        sides: ``None`` (symmetric), ``"query"`` or ``"separate"`` (:func:`attach`).
+        active_side: on a model with separate sides, the side whose module the next forward uses
+            (``"query"`` until :meth:`use_side` / :meth:`side` switch it); ``None`` otherwise.
     """
 
     def __init__(self, model, method, tasks, shared, tuned):
@@ -80,6 +91,8 @@ class TunedModel(nn.Module):
         self._active_module = None
         self.extra_parts: dict[str, Part] = {}  # kind → part (petune.parts), added by add_part
         self.sides: str | None = None  # "query": the method tunes queries only, passages are the frozen base
+        self.active_side: str | None = None  # sides="separate": the side whose module the next forward uses
+        self._side_held = 0  # depth of side() contexts: inside one, encode() may leave side= out
         self._parts = {}  # {part name: {module: {name relative to self: Parameter}}}
 
     # -- forward ---------------------------------------------------------------------------
@@ -232,15 +245,60 @@ class TunedModel(nn.Module):
         return self.base_model.config
 
     # -- tasks -----------------------------------------------------------------------------
-    def module_for(self, task: str | None) -> str:
+    def module_for(self, task: str | None, side: str | None = None) -> str:
+        """The module ``task`` routes to; on a model with separate sides, its ``side``'s module
+        (default :attr:`active_side`).
+
+        Raises:
+            ValueError: an unknown task, ``None`` on a model with one module per task, or a side
+                other than ``"query"`` / ``"passage"`` on a model with separate sides.
+        """
         if task is None:
             if self.tasks is not None and not self.shared:
                 raise ValueError(f"this model has one module per task; name one of {self.tasks}")
-            return SHARED
-        if self.tasks is None or task not in self.tasks:
+            module = SHARED
+        elif self.tasks is None or task not in self.tasks:
             known = self.tasks if self.tasks is not None else "none (attached without tasks=)"
             raise ValueError(f"unknown task {task!r}; tasks: {known}")
-        return SHARED if self.shared else task
+        else:
+            module = SHARED if self.shared else task
+        if self.sides != "separate":
+            return module
+        side = side or self.active_side
+        if side not in ("query", "passage"):
+            raise ValueError(f"this model has a module per side: name the side, 'query' or 'passage' (got {side!r})")
+        return side_module(module, side)
+
+    def use_side(self, side: str) -> None:
+        """On a model with separate sides (``attach(..., sides="separate")``), route the next
+        forwards through ``side``'s module of the active task. A no-op on other models, whose
+        sides share the method (or, for ``sides="query"``, whose passage side
+        :meth:`frozen_base` gives).
+
+        Raises:
+            ValueError: ``side`` is not ``"query"`` or ``"passage"``.
+        """
+        if side not in ("query", "passage"):
+            raise ValueError(f"side must be 'query' or 'passage', got {side!r}")
+        if self.sides == "separate" and side != self.active_side:
+            self.active_side = side
+            self.use_task(self.active_task)
+
+    @contextlib.contextmanager
+    def side(self, side: str | None):
+        """Context manager: ``with tuned.side("passage"): ...`` then switch back (:meth:`use_side`);
+        ``None`` leaves the side as it is. Inside it, :func:`petune.encode` may leave ``side=`` out
+        (the side is then this one), so code written for one model encodes either side."""
+        previous = self.active_side
+        if side is not None:
+            self.use_side(side)
+        self._side_held += 1
+        try:
+            yield self
+        finally:
+            self._side_held -= 1
+            if previous is not None and previous != self.active_side:
+                self.use_side(previous)
 
     def use_task(self, task: str | None) -> None:
         """Route the next forwards through ``task``'s module (a no-op switch when shared).
@@ -341,8 +399,11 @@ class TunedModel(nn.Module):
         return {n: p for g in groups for params in g.values() for n, p in params.items()}
 
     def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
-        """The parameters ``task`` trains (all shared ones when ``shared``)."""
-        params = dict(self._tuned[self.module_for(task)])
+        """The parameters ``task`` trains (all shared ones when ``shared``; both sides' modules
+        on a model with separate sides)."""
+        params = {}
+        for side in (("query", "passage") if self.sides == "separate" else (None,)):
+            params.update(self._tuned[self.module_for(task, side)])
         for part in self.extra_parts.values():
             params.update(self._parts[part.label][part.key(task)])
         return params
@@ -425,9 +486,13 @@ def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = N
             shared encoder); ``"query"``: the method tunes the query side only and passages are
             encoded by the frozen base (:meth:`TunedModel.frozen_base`) — so a collection encoded
             once with the frozen model serves every query-side model (the same store and cache
-            key), and training encodes passages without gradients (Semi-Siamese bi-encoders,
-            Jung et al., WWW 2022; sentence-transformers' asymmetric ``Router``). Encoding then
-            says its side: ``petune.encode(..., side="query" | "passage")``.
+            key), and training encodes passages without gradients; ``"separate"``: one backbone
+            with a module per side (and per task), queries through the query module and passages
+            through the passage module, both trained (Semi-Siamese bi-encoders, Jung et al.,
+            WWW 2022; DPR's two encoders at the cost of a second module; sentence-transformers'
+            asymmetric ``Router``). With either, encoding says its side:
+            ``petune.encode(..., side="query" | "passage")``, and a plain forward uses the query
+            module unless :meth:`TunedModel.side` switches it.
         **options: the method's options (see each method's docstring).
 
     Returns:
@@ -436,8 +501,9 @@ def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = N
     Raises:
         ValueError: unknown method (lists the registered ones), bad options, bad task names,
             ``shared=False`` without tasks, per-task modules for a method that cannot have them,
-            ``sides`` other than ``None`` / ``"query"`` (or ``"query"`` for a method that cannot be
-            switched off), or a model that already has a method attached.
+            ``sides`` other than ``None`` / ``"query"`` / ``"separate"`` (``"query"`` for a method that
+            cannot be switched off, ``"separate"`` for one that cannot have several modules), or
+            a model that already has a method attached.
         TypeError: ``model`` is not a Hugging Face encoder-decoder.
 
     Options and the model are validated before the model is touched, so a bad call leaves it as it was.
@@ -451,15 +517,21 @@ def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = N
         raise ValueError("shared=False needs tasks=[...]: one module per task")
     if not shared and not cls.per_task:
         raise ValueError(f"method {method!r} supports only one shared module; pass shared=True")
-    if sides not in (None, "query"):
-        raise ValueError(f"sides must be None (queries and passages share the method) or 'query' (the method "
-                         f"tunes queries only; passages are the frozen base), got {sides!r}")
+    if sides not in SIDE_SETTINGS:
+        raise ValueError(f"sides must be None (queries and passages share the method), 'query' (the method "
+                         f"tunes queries only; passages are the frozen base) or 'separate' (a module per side), "
+                         f"got {sides!r}")
     if sides == "query" and not cls.can_disable:
         raise ValueError(f"method {method!r} cannot be switched off, so it cannot leave the passage side frozen; "
                          "attach it without sides=")
+    if sides == "separate" and not cls.per_task:
+        raise ValueError(f"method {method!r} supports only one module, so it cannot have one per side; attach it "
+                         "without sides= (or sides='query' to tune queries only)")
     instance = cls(**options)
     instance.validate(model)
     modules = [SHARED] if shared else list(tasks)
+    if sides == "separate":
+        modules = [side_module(m, side) for m in modules for side in ("query", "passage")]
 
     base_class = type(model).__name__  # adapters swaps in a "...WithAdapters" subclass
     for p in model.parameters():
@@ -477,6 +549,7 @@ def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = N
     model._petune_base_class = base_class
     out = TunedModel(wrapped, instance, tasks, shared, tuned)
     out.sides = sides
+    out.active_side = "query" if sides == "separate" else None
     out.use_task(tasks[0] if tasks else None)
     out._set_trainable()  # everything frozen but the method, whatever the library left on
     return out

@@ -1,6 +1,6 @@
 """The offline real-data job: multi-task tuning of a real encoder-decoder on BBC News and ChatterBot.
 
-    python recipes/offline.py [--method adapter] [--quick]
+    python recipes/offline.py [--method adapter] [--sides both|query|separate] [--quick]
     accelerate launch --multi_gpu --num_processes N recipes/offline.py     (several processes)
 
 Tasks, trained together by petune's round-robin loop:
@@ -39,8 +39,8 @@ import torch  # noqa: E402
 
 import petune  # noqa: E402
 from petune.jobs.common import (JobError, cache_dir, check_distill_args, distill_options, encode_settings,  # noqa: E402
-                                job_main, load_model, method_options, start_run, teacher_from_args, write_model_card,
-                                write_report)
+                                encode_side, job_main, load_model, method_options, sides_option, start_run,
+                                teacher_from_args, write_model_card, write_report)
 from petune.jobs.offline import (TASKS, add_miners, add_teacher, build_data, build_tasks, evaluate_model,  # noqa: E402
                                  parse_options, score)
 from petune.score.runs import RUNS_DIR  # noqa: E402
@@ -72,7 +72,7 @@ def main(job):
 
     options = method_options(args)
     multi = args.tasks_mode == "multi"
-    tuned = petune.attach(model, args.method, tasks=list(TASKS), shared=not multi, **options)
+    tuned = petune.attach(model, args.method, tasks=list(TASKS), shared=not multi, sides=sides_option(args), **options)
     if state.is_main_process:
         print(tuned.trainable_report())
     d_model = petune.models.d_model(tuned.base_model)
@@ -91,7 +91,9 @@ def main(job):
     if state.is_main_process:
         log.info("encoding the %s split with the tuned model", args.eval_split)
     mark = time.time()
-    tuned_eval = evaluate_model(tuned, tokenizer, data, args, task_for=lambda name: name if multi else None)
+    # a query-side model's passages are the frozen model's: read from the cache the frozen scoring filled
+    tuned_eval = evaluate_model(tuned, tokenizer, data, args, task_for=lambda name: name if multi else None,
+                                cache=cache if args.sides == "query" else None)
     seconds["tuned encoding"] = time.time() - mark
     if state.is_main_process:
         label = f"{args.method} ({args.tasks_mode})"
@@ -104,7 +106,8 @@ def main(job):
         losses = {t: [loss for _, task, loss in history["loss"] if task == t] for t in TASKS}
         summary = {
             "command": job.command,
-            "method": args.method, "options": options, "tasks_mode": args.tasks_mode, "lr": args.lr,
+            "method": args.method, "options": options, "tasks_mode": args.tasks_mode, "sides": args.sides,
+            "lr": args.lr,
             "epochs": args.epochs, "repeat": args.repeat, "hard_negatives": args.hard_negatives,
             "mined_negatives": {m.directory.name: m.history for m in miners} or None,
             "distill": {"teacher": args.teacher, **distill_options(args)} if args.distill else None,
@@ -126,8 +129,9 @@ def main(job):
         settings = dict(normalize=args.similarity == "cosine", pooling=args.pooling)
         task = (lambda name: name) if multi else (lambda name: None)
         write_model_card(out_dir / "tuned", tuned, job.command, "\n".join(sections), base=args.model, encodings={
-            "queries": encode_settings(64, task=task("news"), **settings),
-            "passages": encode_settings(args.eval_length, task=task("news"), **settings)})
+            "queries": encode_settings(64, task=task("news"), side=encode_side(tuned, "query"), **settings),
+            "passages": encode_settings(args.eval_length, task=task("news"), side=encode_side(tuned, "passage"),
+                                        **settings)})
     state.wait_for_everyone()
     return 0
 

@@ -287,9 +287,9 @@ def test_offline_topic_module_encodes_only_what_knn_reads(monkeypatch, minilm_be
     tuned = petune.attach(minilm_bert2bert, "adapter", reduction_factor=8, tasks=list(offline.TASKS))
     encoded, embed_docs = {}, offline.embed_docs
 
-    def recording(model, tokenizer, texts, task, *rest):
+    def recording(model, tokenizer, texts, task, *rest, **kw):
         encoded[task] = len(texts)
-        return embed_docs(model, tokenizer, texts, task, *rest)
+        return embed_docs(model, tokenizer, texts, task, *rest, **kw)
 
     monkeypatch.setattr(offline, "embed_docs", recording)
     per_task = offline.embed_all(tuned, minilm_tokenizer, data, args, task_for=lambda name: name)
@@ -299,6 +299,78 @@ def test_offline_topic_module_encodes_only_what_knn_reads(monkeypatch, minilm_be
     shared = offline.embed_all(tuned, minilm_tokenizer, data, args, task_for=lambda name: "news")
     assert set(shared["topic"]) == set(data["news"].docs) and "topic" not in encoded
     offline.knn(per_task["topic"], data)  # finds every vector it reads (a KeyError otherwise)
+
+
+@pytest.mark.slow  # 70 s; test_offline_sides checks the same seams on the job's functions
+def test_offline_query_side_job(tmp_path):
+    """The job with --sides query and mining: the tuned row's passages and the qa mining round are
+    read from the cache the frozen scoring filled (the news round searches the training articles
+    only: its own entry, encoded once for every later round and run)."""
+    import logging
+
+    out, lines = tmp_path / "run", []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("petune").addHandler(handler)
+    try:
+        assert script("recipes/offline.py").main([
+            "--quick", "--max-articles", "60", "--max-questions", "40", "--hard-negatives", "2", "--mine-negatives",
+            "1", "--sides", "query", "--method", "lora", "--cache-dir", str(tmp_path / "cache"),
+            "--output-dir", str(out)]) == 0
+    finally:
+        logging.getLogger("petune").removeHandler(handler)
+    report = json.loads((out / "report.json").read_text())
+    assert report["sides"] == "query" and report["mined_negatives"]["news"][0]["mined"] > 0
+    assert len([line for line in lines if line.startswith("reusing cached embeddings")]) == 3, lines
+    assert petune.read_config(out / "tuned")["sides"] == "query"
+
+
+def test_offline_sides(minilm_bert2bert, minilm_tokenizer, tmp_path, caplog):
+    """--sides query: the tuned row's documents, and a mining round's, are the frozen row's, read
+    from its cache; --sides separate: documents through each task's passage module, queries and
+    topic kNN through its query module."""
+    import logging
+
+    import numpy as np
+    import torch
+
+    from petune.data.packaged import minilm_encoder_decoder
+    from petune.train import Task
+
+    args = offline.parse_options(["--max-articles", "40", "--max-questions", "20", "--eval-length", "32",
+                                  "--sides", "query", "--mine-negatives", "1"])
+    data = offline.build_data(args)
+    cache = tmp_path / "cache"
+    frozen = offline.evaluate_model(minilm_encoder_decoder(), minilm_tokenizer, data, args, lambda name: None, cache)
+    query_side = petune.attach(minilm_encoder_decoder(), "lora", r=4, tasks=list(offline.TASKS), sides="query")
+    for p in query_side.tuned_parameters().values():
+        torch.nn.init.normal_(p, std=0.05)
+    with caplog.at_level(logging.INFO, logger="petune"):
+        tuned = offline.evaluate_model(query_side, minilm_tokenizer, data, args, lambda name: name, cache)
+        assert caplog.text.count("reusing cached embeddings") == 2  # BBC articles, ChatterBot answers
+        caplog.clear()
+        tasks = [Task("qa", data["qa_train"], None, None)]
+        [miner] = offline.add_miners(args, tasks, data, minilm_tokenizer, None, tmp_path / "run", cache)
+        with miner.index_for(query_side) as index:
+            assert caplog.text.count("reusing cached embeddings") == 1 and index is not None
+    assert tuned["qa"].to_dict() != frozen["qa"].to_dict()  # the queries are tuned
+
+    args.sides = "separate"
+    tuned = petune.attach(minilm_bert2bert, "lora", r=4, tasks=list(offline.TASKS), sides="separate")
+    for p in tuned.tuned_parameters().values():
+        torch.nn.init.normal_(p, std=0.05)
+    emb = offline.embed_all(tuned, minilm_tokenizer, data, args, task_for=lambda name: name)
+    doc_ids, docs, query_ids, queries = emb["news"]
+    settings = dict(normalize=True, max_length=32, task="news")
+    np.testing.assert_allclose(docs, petune.encode(tuned, minilm_tokenizer, [data["news"].docs[d] for d in doc_ids],
+                                                   side="passage", **settings), atol=1e-5)
+    np.testing.assert_allclose(queries, petune.encode(tuned, minilm_tokenizer,
+                                                      [data["news"].queries[q] for q in query_ids], side="query",
+                                                      **{**settings, "max_length": 64}), atol=1e-5)
+    topic_ids = list(emb["topic"])
+    want = petune.encode(tuned, minilm_tokenizer, [data["news"].docs[a] for a in topic_ids], side="query",
+                         **{**settings, "task": "topic"})
+    np.testing.assert_allclose(np.stack([emb["topic"][a] for a in topic_ids]), want, atol=1e-5)
 
 
 def test_offline_pooling_reaches_losses_and_scoring():

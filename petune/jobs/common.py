@@ -30,11 +30,12 @@ DEFAULT_LR = {"prompt": 3e-2, "adapter": 2e-3, "ia3": 1e-2, "lora": 2e-3}
 
 
 def add_sides_arg(parser: argparse.ArgumentParser) -> None:
-    """``--sides both|query``: one method for queries and passages, or queries only over the frozen
-    model's passages (``petune.attach(..., sides=...)``)."""
-    parser.add_argument("--sides", default="both", choices=["both", "query"], help="both: queries and passages "
-                        "share the method (DPR's shared encoder); query: the method tunes queries only and passages "
-                        "stay the frozen model's, so the collection is encoded once for every tuned model")
+    """``--sides both|query|separate``: one method for queries and passages, queries only over the
+    frozen model's passages, or a module per side (``petune.attach(..., sides=...)``)."""
+    parser.add_argument("--sides", default="both", choices=["both", "query", "separate"], help="both: queries and "
+                        "passages share the method (DPR's shared encoder); query: the method tunes queries only and "
+                        "passages stay the frozen model's, so the collection is encoded once for every tuned model; "
+                        "separate: one module for queries and another for passages, on one backbone")
 
 
 def sides_option(args) -> str | None:
@@ -87,7 +88,7 @@ def add_mining_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mine-negatives", type=int, default=0, metavar="N", help="of each example's --hard-negatives, "
                    "N are mined from the collection with the model being trained before every --mine-every-th "
                    "epoch (the rest stay BM25's); 0: BM25's only. With --sides query the frozen passages are "
-                   "searched (no re-encoding); with --sides both every round re-encodes the collection")
+                   "searched (no re-encoding); with --sides both or separate every round re-encodes the collection")
     g.add_argument("--mine-ranks", type=int, nargs=2, default=[0, 30], metavar=("FIRST", "LAST"),
                    help="the window of ranks (0-based, LAST excluded; the query's relevant documents left out) the "
                    "mined negatives are drawn from at random")

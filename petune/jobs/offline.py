@@ -24,7 +24,7 @@ from ..embed import POOLINGS, encode_sharded
 from ..score import BM25, DenseIndex, compare, knn_scores, p_values, report_markdown, save_runs
 from ..train import ClassificationCollator, ClassificationLoss, DPRLoss, RetrievalCollator, Task
 from .common import (DEFAULT_LR, add_distill_args, add_method_args, add_mini_batch_arg, add_mining_args, add_run_args,
-                     distill_options)
+                     add_sides_arg, distill_options, encode_side)
 
 log = logging.getLogger("petune.recipes.offline")
 METRICS = ["mrr@10", "precision@1", "recall@10", "ndcg@10"]
@@ -82,6 +82,7 @@ class OfflineOptions:
     teacher_temperature: float | None = None
     collective_timeout: float | None = None
     verbose: bool = False
+    sides: str = "both"
 
 
 def parse_options(argv=None, description: str | None = None) -> OfflineOptions:
@@ -126,6 +127,7 @@ def parse_options(argv=None, description: str | None = None) -> OfflineOptions:
     parser.add_argument("--max-questions", type=int, help="use the first N ChatterBot questions")
     parser.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run on small subsets "
                         "(300 articles, 200 questions unless --max-articles / --max-questions say otherwise)")
+    add_sides_arg(parser)
     add_mining_args(parser)
     add_distill_args(parser)
     add_run_args(parser, checkpoint_every=50)
@@ -242,8 +244,9 @@ def add_miners(opts: OfflineOptions, tasks: list[Task], data, tokenizer, teacher
                multi: bool = True) -> list:
     """With ``--mine-negatives``, each retrieval task with hard negatives trains on a
     :class:`~petune.train.mining.MinedNegatives` set; returns their miners (the Trainer's
-    ``on_epoch_start``). Each round encodes the task's passages with its module (the offline job
-    tunes both sides) as the job scores them."""
+    ``on_epoch_start``). Each round encodes the task's passages with its module's passage side as
+    the job scores them: a query-side model's are the frozen model's (read from ``cache``), the
+    other models' are encoded again."""
     from ..train.mining import MinedNegatives, NegativeMiner, memory_index
 
     if not opts.mine_negatives:
@@ -259,8 +262,10 @@ def add_miners(opts: OfflineOptions, tasks: list[Task], data, tokenizer, teacher
         task.dataset = MinedNegatives(task.dataset, opts.mine_negatives, lambda rows, p=passages: [p[r] for r in rows])
 
         def index_for(model, passages=passages, module=module):
+            side = encode_side(model, "passage")
             return memory_index(model, tokenizer, passages, max_length=opts.eval_length, normalize=normalize,
-                                pooling=opts.pooling, task=module)
+                                pooling=opts.pooling, task=module, side=side,
+                                cache_dir=cache if model.is_frozen_side(side) else None)
 
         miners.append(NegativeMiner(
             task.dataset, tokenizer, index_for,
@@ -287,12 +292,14 @@ def build_tasks(opts: OfflineOptions, data, tokenizer, d_model: int) -> list[Tas
 
 
 # -- scoring ---------------------------------------------------------------------------------
-def embed_docs(model, tokenizer, texts, task, opts: OfflineOptions, cache=None):
+def embed_docs(model, tokenizer, texts, task, opts: OfflineOptions, cache=None, side: str = "passage"):
     """Documents as the job scores them: --eval-length tokens, --pooling, normalised under cosine
     similarity; ``[n, d_model]`` on the main process (``None`` on the others, ``encode_sharded``);
-    ``task`` names the module (``None``: frozen)."""
+    ``task`` names the module (``None``: frozen), ``side`` the side of a model with asymmetric
+    sides (``--sides``): passages, or for topic kNN the query side the classification head trains."""
     return encode_sharded(model, tokenizer, texts, task=task, max_length=opts.eval_length,
-                          normalize=opts.similarity == "cosine", pooling=opts.pooling, cache_dir=cache)
+                          normalize=opts.similarity == "cosine", pooling=opts.pooling, cache_dir=cache,
+                          side=encode_side(model, side))
 
 
 def embed_retrieval(model, tokenizer, collection, query_ids, task, opts: OfflineOptions, cache=None):
@@ -303,7 +310,8 @@ def embed_retrieval(model, tokenizer, collection, query_ids, task, opts: Offline
     doc_ids = list(collection.docs)
     docs = embed_docs(model, tokenizer, [collection.docs[d] for d in doc_ids], task, opts, cache)
     queries = encode_sharded(model, tokenizer, [collection.queries[q] for q in query_ids], task=task, max_length=64,
-                             normalize=opts.similarity == "cosine", pooling=opts.pooling, cache_dir=cache)
+                             normalize=opts.similarity == "cosine", pooling=opts.pooling, cache_dir=cache,
+                             side=encode_side(model, "query"))
     return doc_ids, docs, list(query_ids), queries
 
 
@@ -318,12 +326,13 @@ def embed_all(model, tokenizer, data, opts: OfflineOptions, task_for, cache=None
         out[name] = embed_retrieval(model, tokenizer, collection, test_queries(data, name), task_for(name), opts,
                                     cache)
     topic_task = task_for("topic")
-    if topic_task == task_for("news"):  # one module: the BBC articles are encoded already
+    if topic_task == task_for("news") and encode_side(model, "query") is None:  # one module: encoded already
         ids, topic = list(data["news"].docs), out["news"][1]
-    else:  # only what kNN reads
+    else:  # only what kNN reads, by the side the topic head trained (a plain forward's: the query side)
         memory, scored = knn_articles(data)
         ids = [*memory, *scored]
-        topic = embed_docs(model, tokenizer, [data["news"].docs[a] for a in ids], topic_task, opts, cache)
+        topic = embed_docs(model, tokenizer, [data["news"].docs[a] for a in ids], topic_task, opts, cache,
+                           side="query")
     if topic is None:  # not the main process
         return None
     out["topic"] = dict(zip(ids, topic))
