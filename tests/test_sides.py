@@ -116,27 +116,34 @@ def test_sides_saved_loaded_and_refused_where_they_cannot_work(tmp_path):
         petune.attach(tiny_seq2seq("t5"), "scale-q-side-test", sides="query")
 
 
-def test_export_writes_one_folder_per_side_that_sentence_transformers_loads(tmp_path, minilm_tokenizer):
+@pytest.mark.parametrize("sides", ["query", "separate"])
+def test_export_writes_one_folder_per_side_that_sentence_transformers_loads(tmp_path, minilm_tokenizer, sides):
+    """Whole-model folders per side (the frozen base for a query-side model's passages, each side's
+    module merged for separate sides) and, for separate sides, each module alone in peft's format."""
     st = pytest.importorskip("sentence_transformers", reason="pip install petune[serve]")
     import numpy as np
 
     from petune.data.packaged import minilm_encoder_decoder
 
-    tuned = petune.attach(minilm_encoder_decoder(), "lora", r=4, sides="query")
+    tuned = petune.attach(minilm_encoder_decoder(), "lora", r=4, sides=sides)
     for p in tuned.tuned_parameters().values():  # LoRA starts as the identity: make it change something
         torch.nn.init.normal_(p, std=0.05)
     texts = ["A short query.", "A much longer passage about markets and what happened there today."]
+    served = {}
     for side in ("query", "passage"):
         path = petune.export(tuned, tmp_path / side, tokenizer=minilm_tokenizer, format="sentence-transformers",
                              normalize=True, side=side)
-        served = st.SentenceTransformer(str(path), device="cpu")
-        want = petune.encode(tuned, minilm_tokenizer, texts, max_length=served.max_seq_length, normalize=True,
+        served[side] = st.SentenceTransformer(str(path), device="cpu")
+        want = petune.encode(tuned, minilm_tokenizer, texts, max_length=served[side].max_seq_length, normalize=True,
                              side=side)
-        np.testing.assert_allclose(served.encode(texts, convert_to_numpy=True), want, atol=1e-5)
+        np.testing.assert_allclose(served[side].encode(texts, convert_to_numpy=True), want, atol=1e-5)
+        if sides == "separate":
+            peft_dir = petune.export(tuned, tmp_path / f"peft-{side}", format="peft", side=side)
+            assert json.loads((peft_dir / "petune_export.json").read_text())["side"] == side
+    assert not np.allclose(served["query"].encode(texts), served["passage"].encode(texts), atol=1e-4)
     with pytest.raises(ValueError, match="export each side to its own folder"):
         petune.export(tuned, tmp_path / "x", tokenizer=minilm_tokenizer, format="sentence-transformers")
     assert not (tmp_path / "x").exists()
-
 
 # -- sides="separate": one backbone, a module per side ------------------------------------------------
 
@@ -239,29 +246,3 @@ def test_separate_sides_training_gradients_cached_equals_uncached(method):
         assert got.keys() == set(sides[side])
         for name, grad in got.items():
             torch.testing.assert_close(grad, grads[0][name], atol=1e-5, rtol=1e-4)
-
-
-def test_separate_sides_export_one_folder_per_side(tmp_path, minilm_tokenizer):
-    st = pytest.importorskip("sentence_transformers", reason="pip install petune[serve]")
-    import numpy as np
-
-    from petune.data.packaged import minilm_encoder_decoder
-
-    tuned = petune.attach(minilm_encoder_decoder(), "lora", r=4, sides="separate")
-    for p in tuned.tuned_parameters().values():
-        torch.nn.init.normal_(p, std=0.05)
-    texts = ["A short query.", "A much longer passage about markets and what happened there today."]
-    for side in ("query", "passage"):
-        path = petune.export(tuned, tmp_path / side, tokenizer=minilm_tokenizer, format="sentence-transformers",
-                             normalize=True, side=side)
-        served = st.SentenceTransformer(str(path), device="cpu")
-        want = petune.encode(tuned, minilm_tokenizer, texts, max_length=served.max_seq_length, normalize=True,
-                             side=side)
-        np.testing.assert_allclose(served.encode(texts, convert_to_numpy=True), want, atol=1e-5)
-        peft_dir = petune.export(tuned, tmp_path / f"peft-{side}", format="peft", side=side)
-        assert json.loads((peft_dir / "petune_export.json").read_text())["side"] == side
-    served = [st.SentenceTransformer(str(tmp_path / side), device="cpu") for side in ("query", "passage")]
-    assert not np.allclose(served[0].encode(texts), served[1].encode(texts), atol=1e-4)
-    with pytest.raises(ValueError, match="export each side to its own folder"):
-        petune.export(tuned, tmp_path / "x", tokenizer=minilm_tokenizer, format="sentence-transformers")
-    assert not (tmp_path / "x").exists()
