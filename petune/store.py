@@ -396,7 +396,8 @@ def encode_to_store(model, tokenizer, texts, path: str | os.PathLike, *, column:
             an ETA when the size is known); default on. Other processes never show one.
         **options: :func:`petune.encode`'s keyword options (pooling, prefix, max_length,
             batch_size, normalize, task, quantize, side, ...); not ``images`` nor a list of tasks.
-            ``side="passage"`` on a query-side model writes (or finds) the frozen base's store.
+            ``side="passage"`` on a query-side model writes (or finds) the frozen base's store;
+            on a model with separate sides ``side`` picks the module (and the store's key).
 
     Returns:
         The finished :class:`EmbeddingStore` (on every process). Its ``last_run`` says which
@@ -424,11 +425,17 @@ def encode_to_store(model, tokenizer, texts, path: str | os.PathLike, *, column:
     from .embed import _check_quantize, check_side, encode, int8_copy, side_model
     from .tuned import TunedModel
 
-    check_side(model, options.get("side"))
-    if isinstance(model, TunedModel) and model.is_frozen_side(options.get("side")):
+    side = options.get("side")
+    check_side(model, side)
+    if isinstance(model, TunedModel) and model.is_frozen_side(side):
         options.pop("side")  # a query-side model's passages: the frozen base's store
+        options.pop("task", None)  # which has no tasks: its own call, its own key
         with side_model(model, "passage") as base:
             return encode_to_store(base, tokenizer, texts, path, column=column, ids=ids, chunk_size=chunk_size,
+                                   dtype=dtype, progress=progress, **options)
+    if isinstance(model, TunedModel) and model.sides == "separate" and side not in (None, model.active_side):
+        with model.side(side):  # the side's module for the store's key and every chunk
+            return encode_to_store(model, tokenizer, texts, path, column=column, ids=ids, chunk_size=chunk_size,
                                    dtype=dtype, progress=progress, **options)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")

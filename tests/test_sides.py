@@ -191,6 +191,23 @@ def test_separate_sides_encode_each_side_through_its_own_module(arch, method, tm
         petune.encode(tuned, TOK, TEXTS)
 
 
+def test_separate_sides_store_holds_the_sides_module(tmp_path):
+    tuned = separate("t5", "lora", tasks=["news", "qa"])
+    stores = {side: petune.encode_to_store(tuned, TOK, TEXTS * 3, tmp_path / side, chunk_size=4, progress=False,
+                                           side=side, task="qa") for side in ("query", "passage")}
+    for side, store in stores.items():
+        assert (store.to_array() == petune.encode(tuned, TOK, TEXTS * 3, side=side, task="qa")).all()
+    with pytest.raises(petune.store.StoreError):  # the passage module's store is not the query module's
+        petune.encode_to_store(tuned, TOK, TEXTS * 3, tmp_path / "passage", chunk_size=4, progress=False,
+                               side="query", task="qa")
+    _, frozen = query_side("t5", "lora")
+    tasks = petune.attach(tiny_seq2seq("t5"), "lora", r=4, tasks=["news"], sides="query")
+    first = petune.encode_to_store(frozen, TOK, TEXTS * 3, tmp_path / "frozen", chunk_size=4, progress=False)
+    again = petune.encode_to_store(tasks, TOK, TEXTS * 3, tmp_path / "frozen", chunk_size=4, progress=False,
+                                   side="passage", task="news")  # a task on a query-side model: the frozen store
+    assert again.last_run == {"encoded": [], "reused": 3} and again.path == first.path
+
+
 def test_separate_sides_per_task_routed_saved_and_loaded(tmp_path):
     tuned = separate("t5", "lora", tasks=["news", "qa"])
     assert set(tuned.trainable_report().per_module) == {"news-query", "news-passage", "qa-query", "qa-passage"}
