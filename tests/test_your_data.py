@@ -245,7 +245,7 @@ def test_wordnet_term_to_definition_collection(tmp_path):
         "n00004258": "a living (or once living) entity",
         "n00028950": "the unlimited expanse in which everything is located",
         "n00029306": "physical space independent of what occupies it"}
-    for split, judged in data.qrels.items():
+    for judged in data.qrels.values():
         assert all(docs == {"n" + q[1:]: 1} for q, docs in judged.items())
     with pytest.raises(DataError, match="fewer than documents=4"):
         wordnet_beir(tmp_path / "more", wn, documents=4, dev=1, test=1)
