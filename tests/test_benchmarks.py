@@ -12,6 +12,7 @@ from conftest import script
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # 51 s: a harness over the offline job's rows, which the default run tests end to end
 def test_benchmark_quick_writes_tables_and_plots(tmp_path):
     """run.py in this process, each row in a process of its own (as the benchmark runs them)."""
     script("benchmarks/run.py").main(["--quick", "--max-articles", "60", "--max-questions", "40", "--rows", "frozen",
