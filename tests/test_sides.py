@@ -20,6 +20,12 @@ from test_embed import TEXTS, CharTokenizer
 TOK = CharTokenizer()
 
 
+@petune.register_method("scale-side-test")
+def plain_function_method(model):
+    """A method registered as a plain function: one module, which cannot be switched off."""
+    model.get_encoder().final_layer_norm.weight.requires_grad_(True)
+
+
 def query_side(arch, method, seed=0):
     """A query-side model whose method's parameters are random (as if trained), and the frozen twin."""
     name, options = METHODS.get(method, (method, {}))
@@ -107,13 +113,8 @@ def test_sides_saved_loaded_and_refused_where_they_cannot_work(tmp_path):
         petune.encode(tuned, TOK, TEXTS, side="document")
     with pytest.raises(ValueError, match="projection head"):
         petune.add_projection_head(tuned, 8)
-
-    @petune.register_method("scale-q-side-test")
-    def scale(model):
-        model.get_encoder().final_layer_norm.weight.requires_grad_(True)
-
     with pytest.raises(ValueError, match="cannot be switched off"):
-        petune.attach(tiny_seq2seq("t5"), "scale-q-side-test", sides="query")
+        petune.attach(tiny_seq2seq("t5"), "scale-side-test", sides="query")
 
 
 @pytest.mark.parametrize("sides", ["query", "separate"])
@@ -230,13 +231,8 @@ def test_separate_sides_per_task_routed_saved_and_loaded(tmp_path):
                     tmp_path / "s")
     with pytest.raises(ValueError, match="side must be 'query' or 'passage'"):
         tuned.use_side("document")
-
-    @petune.register_method("scale-separate-test")
-    def scale(model):
-        model.get_encoder().final_layer_norm.weight.requires_grad_(True)
-
     with pytest.raises(ValueError, match="one per side"):
-        petune.attach(tiny_seq2seq("t5"), "scale-separate-test", sides="separate")
+        petune.attach(tiny_seq2seq("t5"), "scale-side-test", sides="separate")
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt"])
