@@ -395,13 +395,17 @@ def _cache_key(model, tokenizer, texts, options: dict) -> str:
 
 def keyed_options(model, tokenizer, options: dict) -> dict:
     """The options of an encode() call that change the embeddings: defaults filled in, max_length
-    as capped, the task the model routes to, images as their digest (JSON-serialisable)."""
+    as capped, the task (and side) the model routes to — none for a plain model —, images as
+    their digest (JSON-serialisable)."""
     options = {k: v for k, v in _with_defaults(options).items() if k in _KEYED}
     options["max_length"] = _max_length(model, tokenizer, options["max_length"])
-    if isinstance(model, TunedModel) and options["task"] is None:
-        options["task"] = model.active_task
-    if isinstance(model, TunedModel) and model.sides == "separate":
-        options["side"] = model.active_side  # both sides' weights are in the digest: the side picks the module
+    if isinstance(model, TunedModel):
+        if options["task"] is None:
+            options["task"] = model.active_task
+        if model.sides == "separate":
+            options["side"] = model.active_side  # both sides' weights are in the digest: the side picks the module
+    elif isinstance(options["task"], str):
+        options["task"] = None  # a plain model (a query-side model's frozen base) has no tasks: encode() ignores it
     if options["images"] is not None:
         options["images"] = images_digest(options["images"])
     return options
@@ -477,7 +481,6 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
         raise ValueError(f"gather_to must be 'main' or 'all', got {gather_to!r}")
     side = options.pop("side", None)
     if isinstance(model, TunedModel) and model.is_frozen_side(side):
-        options.pop("task", None)  # the frozen base has no tasks: its own call, its own cache key
         with side_model(model, side) as base:
             return encode_sharded(base, tokenizer, texts, gather_to=gather_to, cache_dir=cache_dir, progress=progress,
                                   **options)

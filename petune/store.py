@@ -429,7 +429,6 @@ def encode_to_store(model, tokenizer, texts, path: str | os.PathLike, *, column:
     check_side(model, side)
     if isinstance(model, TunedModel) and model.is_frozen_side(side):
         options.pop("side")  # a query-side model's passages: the frozen base's store
-        options.pop("task", None)  # which has no tasks: its own call, its own key
         with side_model(model, "passage") as base:
             return encode_to_store(base, tokenizer, texts, path, column=column, ids=ids, chunk_size=chunk_size,
                                    dtype=dtype, progress=progress, **options)
