@@ -87,7 +87,7 @@ def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: 
             raise ValueError("images go with queries: the passage side of a query-side model is the frozen base")
         with model.frozen_base() as base:
             return pool(base, input_ids, attention_mask, pooling, layers, layer_combine)
-    if side is not None and getattr(model, "sides", None) == "separate" and side != model.active_side:
+    if isinstance(model, TunedModel) and model.switches_side(side):
         with model.side(side):
             return pool(model, input_ids, attention_mask, pooling, layers, layer_combine, images)
     want_layers = layers is not None and layers > 1
@@ -264,7 +264,7 @@ def encode(model, tokenizer, texts, *, pooling: str = "mean", layers: int | None
             return encode(base, tokenizer, texts, pooling=pooling, layers=layers, layer_combine=layer_combine,
                           prefix=prefix, max_length=max_length, batch_size=batch_size, normalize=normalize,
                           progress=progress, cache_dir=cache_dir, images=images, quantize=quantize)
-    if isinstance(model, TunedModel) and model.sides == "separate" and side not in (None, model.active_side):
+    if isinstance(model, TunedModel) and model.switches_side(side):
         with model.side(side):  # the side's module for the whole call: routing, pooling and the cache key
             return encode(model, tokenizer, texts, pooling=pooling, layers=layers, layer_combine=layer_combine,
                           prefix=prefix, max_length=max_length, batch_size=batch_size, normalize=normalize,
@@ -485,7 +485,7 @@ def encode_sharded(model, tokenizer, texts, *, gather_to: str = "main", cache_di
             return encode_sharded(base, tokenizer, texts, gather_to=gather_to, cache_dir=cache_dir, progress=progress,
                                   **options)
     check_side(model, side)
-    if isinstance(model, TunedModel) and model.sides == "separate" and side not in (None, model.active_side):
+    if isinstance(model, TunedModel) and model.switches_side(side):
         with model.side(side):  # the side's module for the cache key and every process's encode
             return encode_sharded(model, tokenizer, texts, gather_to=gather_to, cache_dir=cache_dir,
                                   progress=progress, side=side, **options)

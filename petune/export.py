@@ -198,14 +198,14 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
                    "side": side}}.get(tuned.sides, {})
         return _export_adapter(tuned, Path(path), task, format, {"prefix": prefix, "max_length": max_length,
                                "pooling": pooling, "normalize": normalize, **applies},
-                               scores_markdown, command, side=side if tuned.sides == "separate" else None)
+                               scores_markdown, command, side=side)
     if tuned.sides == "query" and side not in ("query", "passage"):
         raise ValueError("this model tunes the query side only: export each side to its own folder, "
                          "export(..., side='query') and export(..., side='passage') (the frozen base)")
     if tuned.sides == "query" and side == "passage":
         plain = tuned.method.unloaded(tuned.model)
     else:
-        plain = tuned.method.merged(tuned.model, tuned.module_for(task, side if tuned.sides == "separate" else None))
+        plain = tuned.method.merged(tuned.model, tuned.module_for(task, side))  # side: separate sides only
     settings = {"pooling": pooling, "prefix": prefix, "normalize": normalize, "max_length": max_length,
                 "method": tuned.method.name, "options": tuned.method.options, "task": task,
                 "model_class": type(plain).__name__, **({"side": side} if tuned.sides is not None else {})}

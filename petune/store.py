@@ -432,7 +432,7 @@ def encode_to_store(model, tokenizer, texts, path: str | os.PathLike, *, column:
         with side_model(model, "passage") as base:
             return encode_to_store(base, tokenizer, texts, path, column=column, ids=ids, chunk_size=chunk_size,
                                    dtype=dtype, progress=progress, **options)
-    if isinstance(model, TunedModel) and model.sides == "separate" and side not in (None, model.active_side):
+    if isinstance(model, TunedModel) and model.switches_side(side):
         with model.side(side):  # the side's module for the store's key and every chunk
             return encode_to_store(model, tokenizer, texts, path, column=column, ids=ids, chunk_size=chunk_size,
                                    dtype=dtype, progress=progress, **options)

@@ -235,6 +235,11 @@ class TunedModel(nn.Module):
             raise ValueError(f"side must be 'query', 'passage' or None, got {side!r}")
         return self.sides == "query" and side == "passage"
 
+    def switches_side(self, side: str | None) -> bool:
+        """Whether encoding ``side`` needs a module other than the active one: a model with
+        separate sides whose :attr:`active_side` is not ``side`` (``None``: the active side)."""
+        return self.sides == "separate" and side not in (None, self.active_side)
+
     @property
     def base_model(self) -> nn.Module:
         """The underlying Hugging Face model (with the method's layers injected)."""
@@ -280,7 +285,7 @@ class TunedModel(nn.Module):
         """
         if side not in ("query", "passage"):
             raise ValueError(f"side must be 'query' or 'passage', got {side!r}")
-        if self.sides == "separate" and side != self.active_side:
+        if self.switches_side(side):
             self.active_side = side
             self.use_task(self.active_task)
 
