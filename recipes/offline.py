@@ -93,7 +93,7 @@ def main(job):
     mark = time.time()
     # a query-side model's passages are the frozen model's: read from the cache the frozen scoring filled
     tuned_eval = evaluate_model(tuned, tokenizer, data, args, task_for=lambda name: name if multi else None,
-                                cache=cache if args.sides == "query" else None)
+                                cache=cache)
     seconds["tuned encoding"] = time.time() - mark
     if state.is_main_process:
         label = f"{args.method} ({args.tasks_mode})"

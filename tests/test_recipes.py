@@ -345,9 +345,11 @@ def test_offline_sides(minilm_bert2bert, minilm_tokenizer, tmp_path, caplog):
     query_side = petune.attach(minilm_encoder_decoder(), "lora", r=4, tasks=list(offline.TASKS), sides="query")
     for p in query_side.tuned_parameters().values():
         torch.nn.init.normal_(p, std=0.05)
+    written = sorted(cache.glob("embeddings-*"))
     with caplog.at_level(logging.INFO, logger="petune"):
         tuned = offline.evaluate_model(query_side, minilm_tokenizer, data, args, lambda name: name, cache)
         assert caplog.text.count("reusing cached embeddings") == 2  # BBC articles, ChatterBot answers
+        assert sorted(cache.glob("embeddings-*")) == written  # the tuned side's embeddings are not kept
         caplog.clear()
         tasks = [Task("qa", data["qa_train"], None, None)]
         [miner] = offline.add_miners(args, tasks, data, minilm_tokenizer, None, tmp_path / "run", cache)

@@ -23,6 +23,7 @@ from ..data.packaged import bbc_news, bbc_retrieval, chatterbot_qa, split_ids
 from ..embed import POOLINGS, encode_sharded
 from ..score import BM25, DenseIndex, compare, knn_scores, p_values, report_markdown, save_runs
 from ..train import ClassificationCollator, ClassificationLoss, DPRLoss, RetrievalCollator, Task
+from ..tuned import TunedModel
 from .common import (DEFAULT_LR, add_distill_args, add_method_args, add_mini_batch_arg, add_mining_args, add_run_args,
                      add_sides_arg, distill_options, encode_side)
 
@@ -262,10 +263,9 @@ def add_miners(opts: OfflineOptions, tasks: list[Task], data, tokenizer, teacher
         task.dataset = MinedNegatives(task.dataset, opts.mine_negatives, lambda rows, p=passages: [p[r] for r in rows])
 
         def index_for(model, passages=passages, module=module):
-            side = encode_side(model, "passage")
             return memory_index(model, tokenizer, passages, max_length=opts.eval_length, normalize=normalize,
-                                pooling=opts.pooling, task=module, side=side,
-                                cache_dir=cache if model.is_frozen_side(side) else None)
+                                pooling=opts.pooling, task=module, side=encode_side(model, "passage"),
+                                cache_dir=_frozen_cache(model, "passage", cache))
 
         miners.append(NegativeMiner(
             task.dataset, tokenizer, index_for,
@@ -298,8 +298,15 @@ def embed_docs(model, tokenizer, texts, task, opts: OfflineOptions, cache=None, 
     ``task`` names the module (``None``: frozen), ``side`` the side of a model with asymmetric
     sides (``--sides``): passages, or for topic kNN the query side the classification head trains."""
     return encode_sharded(model, tokenizer, texts, task=task, max_length=opts.eval_length,
-                          normalize=opts.similarity == "cosine", pooling=opts.pooling, cache_dir=cache,
-                          side=encode_side(model, side))
+                          normalize=opts.similarity == "cosine", pooling=opts.pooling,
+                          cache_dir=_frozen_cache(model, side, cache), side=encode_side(model, side))
+
+
+def _frozen_cache(model, side: str, cache):
+    """``cache`` where ``side`` is the frozen model's (a plain model, a query-side model's
+    passages), else ``None``: no later run has a tuned model's weights."""
+    frozen = not isinstance(model, TunedModel) or model.is_frozen_side(encode_side(model, side))
+    return cache if frozen else None
 
 
 def embed_retrieval(model, tokenizer, collection, query_ids, task, opts: OfflineOptions, cache=None):
@@ -310,8 +317,8 @@ def embed_retrieval(model, tokenizer, collection, query_ids, task, opts: Offline
     doc_ids = list(collection.docs)
     docs = embed_docs(model, tokenizer, [collection.docs[d] for d in doc_ids], task, opts, cache)
     queries = encode_sharded(model, tokenizer, [collection.queries[q] for q in query_ids], task=task, max_length=64,
-                             normalize=opts.similarity == "cosine", pooling=opts.pooling, cache_dir=cache,
-                             side=encode_side(model, "query"))
+                             normalize=opts.similarity == "cosine", pooling=opts.pooling,
+                             cache_dir=_frozen_cache(model, "query", cache), side=encode_side(model, "query"))
     return doc_ids, docs, list(query_ids), queries
 
 
