@@ -74,22 +74,32 @@ def test_store_of_the_frozen_model_serves_the_passage_side(tmp_path):
         petune.encode_to_store(tuned, TOK, TEXTS * 3, tmp_path / "store", chunk_size=4, progress=False, side="query")
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt"])
-def test_training_encodes_passages_frozen_cached_equals_uncached(method):
-    batch = {"query": TOK(["q one", "q two", "q three", "q four"], padding=True),
-             "passages": TOK(["p a", "p b", "p c", "p d", "p e", "p f", "p g", "p h"], padding=True)}
+BATCH = {"query": TOK(["q one", "q two", "q three", "q four"], padding=True),
+         "passages": TOK(["p a", "p b", "p c", "p d", "p e", "p f", "p g", "p h"], padding=True)}
+
+
+def uncached_and_cached_gradients(make_model):
+    """The parameters' gradients of ``DPRLoss`` on ``BATCH``, uncached then cached (mini-batches of
+    2), each on a fresh model from ``make_model`` (eval: no dropout, so mini-batches see what the
+    batch sees)."""
     grads = []
     for mini in (None, 2):
-        tuned, _ = query_side("t5", method)  # eval: no dropout, so mini-batches see what the batch sees
-        DPRLoss(mini_batch_size=mini)(tuned, batch).backward()
+        tuned = make_model()
+        DPRLoss(mini_batch_size=mini)(tuned, BATCH).backward()
         grads.append({n: p.grad.clone() for n, p in tuned.named_parameters() if p.grad is not None})
+    return grads
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_training_encodes_passages_frozen_cached_equals_uncached(method):
+    grads = uncached_and_cached_gradients(lambda: query_side("t5", method)[0])
     assert grads[0] and grads[0].keys() == grads[1].keys()  # the encoder's modules (the decoder's get none)
     assert all(g.abs().sum() > 0 for g in grads[0].values())
     # the same as scoring the tuned queries against the frozen twin's passages
     tuned, frozen = query_side("t5", method)
     with torch.no_grad():
-        passages = pool_inputs(frozen, batch["passages"])
-    dpr_loss(pool_inputs(tuned, batch["query"], side="query"), passages).backward()
+        passages = pool_inputs(frozen, BATCH["passages"])
+    dpr_loss(pool_inputs(tuned, BATCH["query"], side="query"), passages).backward()
     for name, p in tuned.named_parameters():
         if name in grads[0]:
             torch.testing.assert_close(p.grad, grads[0][name], atol=1e-5, rtol=1e-4)
@@ -237,13 +247,7 @@ def test_separate_sides_per_task_routed_saved_and_loaded(tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "prompt"])
 def test_separate_sides_training_gradients_cached_equals_uncached(method):
-    batch = {"query": TOK(["q one", "q two", "q three", "q four"], padding=True),
-             "passages": TOK(["p a", "p b", "p c", "p d", "p e", "p f", "p g", "p h"], padding=True)}
-    grads = []
-    for mini in (None, 2):
-        tuned = separate("t5", method)
-        DPRLoss(mini_batch_size=mini)(tuned, batch).backward()
-        grads.append({n: p.grad.clone() for n, p in tuned.named_parameters() if p.grad is not None})
+    grads = uncached_and_cached_gradients(lambda: separate("t5", method))
     sides = {side: [n for n in grads[0] if f"default-{side}" in n] for side in ("query", "passage")}
     assert sides["query"] and sides["passage"] and len(grads[0]) == len(sides["query"]) + len(sides["passage"])
     assert all(grads[0][n].abs().sum() > 0 for n in grads[0])  # both modules learn
@@ -252,7 +256,7 @@ def test_separate_sides_training_gradients_cached_equals_uncached(method):
     # the same as each side through its own symmetric twin
     tuned = separate("t5", method)
     twins = {side: symmetric_copy(tuned, "t5", method, side) for side in ("query", "passage")}
-    dpr_loss(pool_inputs(twins["query"], batch["query"]), pool_inputs(twins["passage"], batch["passages"])).backward()
+    dpr_loss(pool_inputs(twins["query"], BATCH["query"]), pool_inputs(twins["passage"], BATCH["passages"])).backward()
     for side, twin in twins.items():
         got = {n.replace("default", f"default-{side}"): p.grad for n, p in twin.named_parameters()
                if p.grad is not None}
