@@ -211,8 +211,8 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
                 "model_class": type(plain).__name__, **({"side": side} if tuned.sides is not None else {})}
     card_settings = {"pooling": pooling, "prefix": repr(prefix), "normalize": normalize, "max_length": max_length}
     if default_prompt is None and prompts:
-        for side, value in (("query_prefix", prompts["query"]), ("passage_prefix", prompts["document"])):
-            settings[side], card_settings[side] = value, repr(value)
+        for key, value in (("query_prefix", prompts["query"]), ("passage_prefix", prompts["document"])):
+            settings[key], card_settings[key] = value, repr(value)
         del settings["prefix"], card_settings["prefix"]
     def encode_options(text_prefix: str) -> dict:  # petune.encode's options as the card shows them
         shown = {"prefix": text_prefix, "max_length": max_length, "pooling": pooling, "normalize": normalize}
