@@ -11,7 +11,7 @@ from pathlib import Path
 from .atomic import atomic_dir
 from .card import EXAMPLES, base_model_name, encode_code, model_card, packaged_or_name, tokenizer_code
 from .models import ST_ENCODER_ALONE, ST_WHOLE_CHECKPOINT, d_model
-from .tuned import TunedModel
+from .tuned import NAMED_SIDES, TunedModel
 
 #: the embedding settings written beside the exported weights (like sentence-transformers'
 #: ``modules.json`` / pooling config)
@@ -190,7 +190,7 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         named = labels[0] + " is" if len(labels) == 1 else ", ".join(labels[:-1]) + f" and {labels[-1]} are"
         raise ValueError(f"{named} not part of any transformers architecture; save with "
                          "petune.save(tuned, path) and load with petune.load(model, path)")
-    if tuned.sides == "separate" and side not in ("query", "passage"):
+    if tuned.sides == "separate" and side not in NAMED_SIDES:
         raise ValueError("this model has a module per side: export each side to its own folder, "
                          "export(..., side='query') and export(..., side='passage')")
     if format in ADAPTER_FORMATS:  # a query-side model's module: for its queries only, as the settings say
@@ -199,7 +199,7 @@ def export(tuned: TunedModel, path: str | os.PathLike, *, task: str | None = Non
         return _export_adapter(tuned, Path(path), task, format, {"prefix": prefix, "max_length": max_length,
                                "pooling": pooling, "normalize": normalize, **applies},
                                scores_markdown, command, side=side)
-    if tuned.sides == "query" and side not in ("query", "passage"):
+    if tuned.sides == "query" and side not in NAMED_SIDES:
         raise ValueError("this model tunes the query side only: export each side to its own folder, "
                          "export(..., side='query') and export(..., side='passage') (the frozen base)")
     if tuned.sides == "query" and side == "passage":

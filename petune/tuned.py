@@ -12,8 +12,10 @@ from .models import check_encoder_decoder
 from .parts import SHARED, Part
 from .methods.registry import get_method
 
+#: the two sides of retrieval: queries and passages
+NAMED_SIDES = ("query", "passage")
 #: the sides an encode or a training group names: a query, a passage, or neither (symmetric use)
-SIDES = ("query", "passage", None)
+SIDES = (*NAMED_SIDES, None)
 #: ``attach``'s ``sides``: None (symmetric), "query" (passages are the frozen base), "separate" (a module per side)
 SIDE_SETTINGS = (None, "query", "separate")
 
@@ -270,7 +272,7 @@ class TunedModel(nn.Module):
         if self.sides != "separate":
             return module
         side = side or self.active_side
-        if side not in ("query", "passage"):
+        if side not in NAMED_SIDES:
             raise ValueError(f"this model has a module per side: name the side, 'query' or 'passage' (got {side!r})")
         return side_module(module, side)
 
@@ -283,7 +285,7 @@ class TunedModel(nn.Module):
         Raises:
             ValueError: ``side`` is not ``"query"`` or ``"passage"``.
         """
-        if side not in ("query", "passage"):
+        if side not in NAMED_SIDES:
             raise ValueError(f"side must be 'query' or 'passage', got {side!r}")
         if self.switches_side(side):
             self.active_side = side
@@ -407,7 +409,7 @@ class TunedModel(nn.Module):
         """The parameters ``task`` trains (all shared ones when ``shared``; both sides' modules
         on a model with separate sides)."""
         params = {}
-        for side in (("query", "passage") if self.sides == "separate" else (None,)):
+        for side in (NAMED_SIDES if self.sides == "separate" else (None,)):
             params.update(self._tuned[self.module_for(task, side)])
         for part in self.extra_parts.values():
             params.update(self._parts[part.label][part.key(task)])
@@ -536,7 +538,7 @@ def attach(model: nn.Module, method: str, *, tasks=None, shared: bool | None = N
     instance.validate(model)
     modules = [SHARED] if shared else list(tasks)
     if sides == "separate":
-        modules = [side_module(m, side) for m in modules for side in ("query", "passage")]
+        modules = [side_module(m, side) for m in modules for side in NAMED_SIDES]
 
     base_class = type(model).__name__  # adapters swaps in a "...WithAdapters" subclass
     for p in model.parameters():
